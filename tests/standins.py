@@ -1,0 +1,151 @@
+"""Small stand-in checkpoints that ComfyUI's own loaders detect as SD1.5 / SDXL.
+
+The UNets are tiny but carry the config keys ComfyUI's model detection matches on;
+the text encoders are full-size (ComfyUI sizes them from the family, not the file)
+with random weights; the VAE is TAESD-sized. Needs ComfyUI importable (``comfy``).
+
+Random weights are drawn so that the networks do something: norm scales near 1,
+other weights ~ N(0, 1/fan_in). Two stand-ins with different seeds therefore give
+clearly different outputs, which the tests rely on to see a mixing bug.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from safetensors.torch import save_file
+
+SD15_UNET = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+    channel_mult=[1], transformer_depth=[1], transformer_depth_middle=1,
+    transformer_depth_output=[1, 1], context_dim=768, num_heads=8, num_head_channels=-1,
+    use_linear_in_transformer=False, use_spatial_transformer=True, legacy=False,
+    adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False,
+)
+# KOALA_700M-shaped: ComfyUI detects it as an SDXL-family model (SDXL latents, adm y).
+SDXL_UNET = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1, 1, 1],
+    channel_mult=[1, 1, 1], transformer_depth=[0, 2, 5], transformer_depth_middle=5,
+    transformer_depth_output=[0, 0, 2, 2, 5, 5], context_dim=2048, num_heads=-1,
+    num_head_channels=64, use_linear_in_transformer=True, use_spatial_transformer=True,
+    legacy=False, adm_in_channels=2816, num_classes="sequential", use_temporal_attention=False,
+    use_temporal_resblock=False,
+)
+# Full-size SD1.5 UNet (860 M parameters): ComfyUI detects diffusers-layout UNets only
+# by matching known full configs, so the diffusers-layout stand-in has to be real-sized.
+SD15_FULL_UNET = dict(SD15_UNET, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+                      transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                      transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+UNET_CONFIGS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "sd15_full": SD15_FULL_UNET}
+
+
+def _random_like(name: str, shape, gen: torch.Generator, dtype) -> torch.Tensor:
+    if name.endswith("position_ids"):
+        return torch.arange(shape[-1]).reshape(shape).to(torch.int64)
+    if name.endswith("logit_scale"):
+        return torch.full(shape, math.log(100.0), dtype=dtype)
+    if len(shape) <= 1:
+        if name.endswith("bias") or name.endswith("vae_shift"):
+            return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+        # norm scales (GroupNorm / LayerNorm weight), vae_scale: near 1, never 0
+        return (1.0 + torch.randn(shape, generator=gen) * 0.05).to(dtype)
+    if "embedding" in name:
+        return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+    fan_in = math.prod(shape[1:])
+    return (torch.randn(shape, generator=gen) / math.sqrt(fan_in)).to(dtype)
+
+
+def _randomise(shapes: dict, seed: int, dtype) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: _random_like(k, tuple(v), gen, dtype).contiguous() for k, v in sorted(shapes.items())}
+
+
+def _shapes(module: torch.nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def unet_state_dict(family: str, seed: int, dtype=torch.float16) -> dict:
+    """Original (LDM) layout UNet weights, without prefix."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    with torch.device("meta"):
+        unet = UNetModel(**UNET_CONFIGS[family], operations=comfy.ops.disable_weight_init)
+    return _randomise(_shapes(unet), seed, dtype)
+
+
+def unet_to_diffusers_layout(family: str, sd: dict) -> dict:
+    """Re-key an LDM-layout UNet state dict to the diffusers layout ComfyUI converts back."""
+    import comfy.utils
+    cfg = dict(UNET_CONFIGS[family])
+    mapping = comfy.utils.unet_to_diffusers(cfg)  # diffusers key -> ldm key
+    inverse = {v: k for k, v in mapping.items()}
+    missing = [k for k in sd if k not in inverse]
+    if missing:
+        raise RuntimeError(f"no diffusers name for {missing[:5]}")
+    return {inverse[k]: v for k, v in sd.items()}
+
+
+def clip_state_dict(family: str, seed: int, dtype=torch.float16) -> dict:
+    """Every text-encoder key, in checkpoint naming."""
+    if family == "sd15":
+        import comfy.sd1_clip
+        with torch.device("meta"):
+            clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
+        prefix_map = {"transformer.text_model.": "cond_stage_model.transformer.text_model."}
+    else:
+        import comfy.sdxl_clip
+        with torch.device("meta"):
+            clip = comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float16)
+        prefix_map = {"clip_l.transformer.text_model.": "conditioner.embedders.0.transformer.text_model.",
+                      "clip_g.": "conditioner.embedders.1.model."}
+    out = {}
+    for k, v in _randomise(_shapes(clip), seed, dtype).items():
+        for src, dst in prefix_map.items():
+            if k.startswith(src):
+                out[dst + k[len(src):]] = v
+                break
+    return out
+
+
+def taesd_state_dict(seed: int, dtype=torch.float16) -> dict:
+    import comfy.taesd.taesd
+    with torch.device("meta"):
+        vae = comfy.taesd.taesd.TAESD(latent_channels=4)
+    return _randomise(_shapes(vae), seed, dtype)
+
+
+def write_checkpoint(path: str, family: str, seed: int) -> str:
+    sd = {"model.diffusion_model." + k: v for k, v in unet_state_dict(family, seed).items()}
+    sd.update(clip_state_dict(family, seed + 1))
+    sd.update({"first_stage_model." + k: v for k, v in taesd_state_dict(seed + 2).items()})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(sd, path)
+    return path
+
+
+def write_unet(path: str, family: str, seed: int, layout: str = "ldm", dtype=torch.float16) -> str:
+    sd = unet_state_dict(family, seed, dtype=dtype)
+    if layout == "diffusers":
+        sd = unet_to_diffusers_layout(family, sd)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(sd, path)
+    return path
+
+
+def write_lora(path: str, family: str, seed: int, rank: int = 4, scale: float = 1.0) -> str:
+    """A kohya-style LoRA on every attention projection of the stand-in UNet."""
+    base = unet_state_dict(family, seed=0, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, w in base.items():
+        if not (k.endswith(".weight") and w.ndim == 2 and (".attn1." in k or ".attn2." in k)):
+            continue
+        name = "lora_unet_" + k[: -len(".weight")].replace(".", "_")
+        out_f, in_f = w.shape
+        sd[name + ".lora_down.weight"] = (torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f)).half()
+        sd[name + ".lora_up.weight"] = (torch.randn(out_f, rank, generator=gen) * scale / math.sqrt(rank)).half()
+        sd[name + ".alpha"] = torch.tensor(float(rank))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(sd, path)
+    return path
