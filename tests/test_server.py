@@ -1,0 +1,573 @@
+"""Workflow tests through a real ComfyUI HTTP server (see server_rig.py).
+
+Every prompt is a small API-format graph on the stand-in models: 64x64 images and
+2-6 steps, so that the whole module runs in about a minute and a half on two CPU cores.
+Images are compared pixel for pixel after the server saved them as PNG.
+"""
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import STANDIN_DIR
+from server_rig import PACK_DIR_NAME, PromptFailed, comfy_server, error_message, status_messages, status_of  # noqa: F401
+
+PACK_NODES = {
+    "DeRaDiffLoadAlignedPair": "Load Aligned Model Pair (DeRaDiff)",
+    "DeRaDiffMakePair": "Make Aligned Model Pair (DeRaDiff)",
+    "DeRaDiffKSampler": "DeRaDiff KSampler",
+    "DeRaDiffGuider": "DeRaDiff Guider",
+}
+PAIR_TYPE = "DERADIFF_PAIR"
+
+SD15_REF = "sd15_reference.safetensors"
+SD15_ALIGNED_CKPT = "checkpoints/sd15_aligned.safetensors"
+SD15_ALIGNED_UNET = "diffusion_models/sd15_aligned_unet.safetensors"
+SDXL_REF = "sdxl_reference.safetensors"
+SDXL_ALIGNED_UNET = "diffusion_models/sdxl_aligned_unet.safetensors"
+SD15_LORA = "sd15_aligned_lora.safetensors"
+
+POSITIVE = "a watercolour painting of a lighthouse at dusk"
+NEGATIVE = "blurry, low quality"
+SIZE = 64
+STEPS = 3
+CFG = 5.0
+SEED = 1234
+
+
+# -- graph building -------------------------------------------------------------
+
+class Graph(dict):
+    """An API-format prompt. ``add`` returns the new node's id; ``out(id, i)`` links to an output."""
+
+    def add(self, class_type: str, **inputs) -> str:
+        node_id = str(len(self) + 1)
+        self[node_id] = {"class_type": class_type, "inputs": inputs}
+        return node_id
+
+
+def out(node_id: str, index: int = 0) -> list:
+    return [node_id, index]
+
+
+def encode_pair(g: Graph, clip: list) -> tuple[list, list]:
+    pos = g.add("CLIPTextEncode", clip=clip, text=POSITIVE)
+    neg = g.add("CLIPTextEncode", clip=clip, text=NEGATIVE)
+    return out(pos), out(neg)
+
+
+def empty_latent(g: Graph, size: int = SIZE, batch: int = 1) -> list:
+    return out(g.add("EmptyLatentImage", width=size, height=size, batch_size=batch))
+
+
+def load_pair(g: Graph, reference: str, aligned: str):
+    """-> (pair, CLIP, VAE) links of a Load Aligned Model Pair node."""
+    n = g.add("DeRaDiffLoadAlignedPair", reference_ckpt_name=reference, aligned_model=aligned)
+    return out(n, 0), out(n, 1), out(n, 2)
+
+
+def load_checkpoint(g: Graph, name: str = SD15_REF):
+    """-> (MODEL, CLIP, VAE) links of a CheckpointLoaderSimple node."""
+    n = g.add("CheckpointLoaderSimple", ckpt_name=name)
+    return out(n, 0), out(n, 1), out(n, 2)
+
+
+def deradiff_ksampler(g: Graph, pair, lam, pos, neg, latent, seed=SEED, steps=STEPS, cfg=CFG,
+                      denoise=1.0, sampler="euler", scheduler="normal") -> str:
+    return g.add("DeRaDiffKSampler", pair=pair, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler,
+                 scheduler=scheduler, positive=pos, negative=neg, latent_image=latent, denoise=denoise,
+                 **{"lambda": lam})
+
+
+def ksampler(g: Graph, model, pos, neg, latent, seed=SEED, steps=STEPS, cfg=CFG, denoise=1.0,
+             sampler="euler", scheduler="normal") -> str:
+    return g.add("KSampler", model=model, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler,
+                 scheduler=scheduler, positive=pos, negative=neg, latent_image=latent, denoise=denoise)
+
+
+def save(g: Graph, samples: list, vae: list, prefix: str) -> str:
+    decoded = g.add("VAEDecode", samples=samples, vae=vae)
+    return g.add("SaveImage", images=out(decoded), filename_prefix=prefix)
+
+
+# -- results --------------------------------------------------------------------
+
+def saved_images(server, entry: dict, node_id: str) -> list[np.ndarray]:
+    paths = server.images(entry, node_id)
+    assert paths, f"node {node_id} saved no image; outputs: {entry.get('outputs')}"
+    arrays = []
+    for path in paths:
+        assert path.is_file(), f"{path} does not exist"
+        with Image.open(path) as im:
+            arrays.append(np.asarray(im.convert("RGB")).copy())
+    return arrays
+
+
+def one_image(server, entry: dict, node_id: str) -> np.ndarray:
+    images = saved_images(server, entry, node_id)
+    assert len(images) == 1, f"expected one image from node {node_id}, got {len(images)}"
+    return images[0]
+
+
+def saved_latent(server, entry: dict, node_id: str):
+    from safetensors.torch import load_file
+    files = entry["outputs"][node_id]["latents"]
+    assert len(files) == 1
+    path = server.output_dir / files[0]["subfolder"] / files[0]["filename"]
+    return load_file(str(path))["latent_tensor"]
+
+
+def diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    assert a.shape == b.shape, f"{a.shape} vs {b.shape}"
+    return np.abs(a.astype(np.int16) - b.astype(np.int16))
+
+
+def assert_same_image(a: np.ndarray, b: np.ndarray, what: str):
+    d = diff(a, b)
+    assert d.max() == 0, (f"{what}: images differ; max abs difference {d.max()}/255, mean {d.mean():.3f}, "
+                          f"{(d > 0).mean():.1%} of values differ")
+
+
+def assert_different_images(a: np.ndarray, b: np.ndarray, what: str, min_mean: float = 1.0):
+    d = diff(a, b)
+    assert d.mean() >= min_mean, f"{what}: images are (nearly) the same; mean abs difference {d.mean():.3f}/255"
+
+
+def assert_not_flat(img: np.ndarray, what: str):
+    assert img.std() > 1.0, f"{what}: the image is flat (std {img.std():.3f}), the models did nothing visible"
+
+
+def log_since(server, offset: int) -> str:
+    return server.log_text()[offset:]
+
+
+# -- a. the pack loads, its nodes are described ------------------------------------
+
+def test_pack_loads_and_nodes_are_listed(comfy_server):
+    log = comfy_server.log_text()
+    pack_lines = [line for line in log.splitlines() if PACK_DIR_NAME in line]
+    failed = [line for line in pack_lines if "IMPORT FAILED" in line or "Cannot import" in line]
+    assert not failed, f"the pack failed to import:\n" + "\n".join(failed)
+    # "Import times for custom nodes:" lists every custom node module it loaded
+    import_times = log.split("Import times for custom nodes:", 1)
+    assert len(import_times) == 2, "no custom-node import summary in the server log"
+    loaded = [line for line in import_times[1].splitlines()
+              if line.strip().endswith("custom_nodes/" + PACK_DIR_NAME)]
+    assert loaded and "IMPORT FAILED" not in loaded[0], f"the pack is not among the loaded custom nodes:\n{import_times[1][:2000]}"
+
+    info = comfy_server.object_info()
+    missing = [n for n in PACK_NODES if n not in info]
+    assert not missing, f"/object_info lacks {missing}"
+    for node_id, display in PACK_NODES.items():
+        node = info[node_id]
+        assert node["display_name"] == display
+        assert node["python_module"].startswith("custom_nodes."), node["python_module"]
+        assert node["description"].strip(), f"{node_id} has no description"
+        inputs = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
+        assert inputs, f"{node_id} has no inputs"
+        for name, spec in inputs.items():
+            options = spec[1] if len(spec) > 1 else {}
+            assert str(options.get("tooltip", "")).strip(), f"{node_id} input '{name}' has no tooltip"
+        tooltips = node.get("output_tooltips") or []
+        assert len(tooltips) == len(node["output"]) and all(t.strip() for t in tooltips), \
+            f"{node_id} outputs without tooltips: {node['output']} / {tooltips}"
+
+    assert info["DeRaDiffLoadAlignedPair"]["output"][0] == PAIR_TYPE
+    assert info["DeRaDiffMakePair"]["output"] == [PAIR_TYPE]
+    for node_id in ("DeRaDiffKSampler", "DeRaDiffGuider"):
+        assert info[node_id]["input"]["required"]["pair"][0] == PAIR_TYPE
+        assert "lambda" in info[node_id]["input"]["required"]
+    assert info["DeRaDiffKSampler"]["output"] == ["LATENT"]
+    assert info["DeRaDiffGuider"]["output"] == ["GUIDER"]
+
+    # the combos list the stand-ins the server sees through the extra model paths
+    pair_inputs = info["DeRaDiffLoadAlignedPair"]["input"]["required"]
+    assert SD15_REF in pair_inputs["reference_ckpt_name"][0]
+    for choice in (SD15_ALIGNED_CKPT, SD15_ALIGNED_UNET, SDXL_ALIGNED_UNET):
+        assert choice in pair_inputs["aligned_model"][0], pair_inputs["aligned_model"][0]
+
+
+# -- b. SD1.5 end to end ------------------------------------------------------------
+
+def test_sd15_end_to_end(comfy_server):
+    g = Graph()
+    pair, clip, vae = load_pair(g, SD15_REF, SD15_ALIGNED_CKPT)
+    pos, neg = encode_pair(g, clip)
+    sampler = deradiff_ksampler(g, pair, 0.5, pos, neg, empty_latent(g))
+    saver = save(g, out(sampler), vae, "b_sd15")
+    entry = comfy_server.run(g)
+    img = one_image(comfy_server, entry, saver)
+    assert img.shape == (SIZE, SIZE, 3)
+    assert_not_flat(img, "SD1.5 λ=0.5")
+    # the node reports the λ it sampled at in its UI output
+    assert entry["outputs"][sampler]["deradiff"] == ["λ = 0.5"]
+
+
+# -- c. λ=0 is the reference, λ=1 the aligned model ------------------------------------
+
+@pytest.fixture(scope="module")
+def sd15_lambda_images(comfy_server):
+    """Pack at λ 0 / 0.5 / 1 and plain KSampler on the reference and on the aligned UNet, one prompt."""
+    g = Graph()
+    pair, pclip, pvae = load_pair(g, SD15_REF, SD15_ALIGNED_UNET)
+    pos, neg = encode_pair(g, pclip)
+    latent = empty_latent(g)
+    savers = {}
+    for lam in (0.0, 0.5, 1.0):
+        s = deradiff_ksampler(g, pair, lam, pos, neg, latent)
+        savers[f"pack_{lam}"] = save(g, out(s), pvae, f"c_pack_{lam}")
+
+    model, clip, vae = load_checkpoint(g, SD15_REF)
+    cpos, cneg = encode_pair(g, clip)
+    clatent = empty_latent(g)
+    savers["ksampler_reference"] = save(g, out(ksampler(g, model, cpos, cneg, clatent)), vae, "c_ks_ref")
+    unet = out(g.add("UNETLoader", unet_name=SD15_ALIGNED_UNET.split("/", 1)[1], weight_dtype="default"))
+    savers["ksampler_aligned"] = save(g, out(ksampler(g, unet, cpos, cneg, clatent)), vae, "c_ks_aligned")
+
+    entry = comfy_server.run(g, timeout=300)
+    return {k: one_image(comfy_server, entry, n) for k, n in savers.items()}
+
+
+def test_lambda_0_equals_ksampler_on_reference(sd15_lambda_images):
+    imgs = sd15_lambda_images
+    # the stand-ins must really differ, or the comparisons below prove nothing
+    assert_different_images(imgs["ksampler_reference"], imgs["ksampler_aligned"], "reference vs aligned KSampler")
+    assert_same_image(imgs["pack_0.0"], imgs["ksampler_reference"], "DeRaDiff λ=0 vs KSampler(reference)")
+
+
+def test_lambda_1_equals_ksampler_on_aligned_unet(sd15_lambda_images):
+    imgs = sd15_lambda_images
+    assert_same_image(imgs["pack_1.0"], imgs["ksampler_aligned"], "DeRaDiff λ=1 vs KSampler(UNETLoader aligned)")
+
+
+def test_lambda_half_differs_from_both(sd15_lambda_images):
+    imgs = sd15_lambda_images
+    assert_different_images(imgs["pack_0.5"], imgs["ksampler_reference"], "λ=0.5 vs reference")
+    assert_different_images(imgs["pack_0.5"], imgs["ksampler_aligned"], "λ=0.5 vs aligned")
+
+
+# -- d. SDXL end to end ----------------------------------------------------------------
+
+def test_sdxl_end_to_end(comfy_server):
+    g = Graph()
+    pair, clip, vae = load_pair(g, SDXL_REF, SDXL_ALIGNED_UNET)
+    conds = [out(g.add("CLIPTextEncodeSDXL", clip=clip, width=SIZE, height=SIZE, crop_w=0, crop_h=0,
+                       target_width=SIZE, target_height=SIZE, text_g=text, text_l=text))
+             for text in (POSITIVE, NEGATIVE)]
+    latent = empty_latent(g)
+    savers = {lam: save(g, out(deradiff_ksampler(g, pair, lam, *conds, latent, steps=2)), vae, f"d_sdxl_{lam}")
+              for lam in (0.0, 0.5)}
+    entry = comfy_server.run(g, timeout=400)
+    imgs = {lam: one_image(comfy_server, entry, n) for lam, n in savers.items()}
+    for lam, img in imgs.items():
+        assert img.shape == (SIZE, SIZE, 3)
+        assert_not_flat(img, f"SDXL λ={lam}")
+    assert_different_images(imgs[0.5], imgs[0.0], "SDXL λ=0.5 vs λ=0")
+
+
+# -- e. LoRA-aligned pair -----------------------------------------------------------
+
+LORA_TOLERANCE_MAX = 2     # per channel, out of 255
+LORA_TOLERANCE_MEAN = 0.25
+
+
+def write_lora_merged_unet(path, strength: float = 1.0) -> int:
+    """The reference UNet with the LoRA merged in (kohya: W + strength * alpha/rank * up @ down), fp32."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    ckpt = load_file(str(STANDIN_DIR / "checkpoints" / SD15_REF))
+    lora = load_file(str(STANDIN_DIR / "loras" / SD15_LORA))
+    prefix = "model.diffusion_model."
+    unet = {k[len(prefix):]: v.float() for k, v in ckpt.items() if k.startswith(prefix)}
+    merged = 0
+    for key, weight in unet.items():
+        if not key.endswith(".weight"):
+            continue
+        name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+        if name + ".lora_up.weight" not in lora:
+            continue
+        up = lora[name + ".lora_up.weight"].float()
+        down = lora[name + ".lora_down.weight"].float()
+        rank = down.shape[0]
+        alpha = float(lora[name + ".alpha"]) if name + ".alpha" in lora else rank
+        unet[key] = weight + strength * (alpha / rank) * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+        merged += 1
+    lora_modules = {k.split(".", 1)[0] for k in lora}
+    assert merged == len(lora_modules) and merged > 0, f"merged {merged} of {len(lora_modules)} LoRA modules"
+    save_file({k: v.contiguous() for k, v in unet.items()}, str(path))
+    return merged
+
+
+def test_lora_pair_equals_merged_unet_pair(comfy_server):
+    merged_name = "sd15_reference_plus_lora_merged.safetensors"
+    write_lora_merged_unet(comfy_server.extra_diffusion_models / merged_name)
+    log_offset = len(comfy_server.log_text())
+
+    # reference + the same checkpoint through LoraLoader: two clones of one base model
+    g = Graph()
+    model, clip, vae = load_checkpoint(g, SD15_REF)
+    lora = g.add("LoraLoader", model=model, clip=clip, lora_name=SD15_LORA, strength_model=1.0, strength_clip=0.0)
+    pair = out(g.add("DeRaDiffMakePair", reference=model, aligned=out(lora, 0)))
+    pos, neg = encode_pair(g, clip)
+    latent = empty_latent(g)
+    lora_half = save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, latent)), vae, "e_lora_half")
+    lora_zero = save(g, out(deradiff_ksampler(g, pair, 0.0, pos, neg, latent)), vae, "e_lora_zero")
+    entry = comfy_server.run(g, timeout=300)
+    img_lora = one_image(comfy_server, entry, lora_half)
+    img_ref = one_image(comfy_server, entry, lora_zero)
+    log = log_since(comfy_server, log_offset)
+    assert "a second full copy" in log, f"no 'second full copy' warning in the server log:\n{log[-3000:]}"
+
+    # the same pair with the aligned side an independent file: the LoRA merged by hand
+    g = Graph()
+    pair, pclip, pvae = load_pair(g, SD15_REF, "diffusion_models/" + merged_name)
+    pos, neg = encode_pair(g, pclip)
+    merged_half = save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, empty_latent(g))), pvae, "e_merged_half")
+    entry = comfy_server.run(g, timeout=300)
+    img_merged = one_image(comfy_server, entry, merged_half)
+
+    # the LoRA must change the picture well beyond the tolerance, or the comparison is empty
+    assert_different_images(img_lora, img_ref, "LoRA pair λ=0.5 vs λ=0", min_mean=8 * LORA_TOLERANCE_MEAN)
+    d = diff(img_lora, img_merged)
+    assert d.max() <= LORA_TOLERANCE_MAX and d.mean() <= LORA_TOLERANCE_MEAN, (
+        f"LoRA pair vs merged-UNet pair at λ=0.5: max abs difference {d.max()}/255 "
+        f"(allowed {LORA_TOLERANCE_MAX}), mean {d.mean():.3f} (allowed {LORA_TOLERANCE_MEAN})")
+
+
+# -- f. DeRaDiff Guider through SamplerCustomAdvanced --------------------------------------
+
+def custom_advanced(g: Graph, guider: str, sigmas: list, latent: list, seed=SEED) -> str:
+    noise = g.add("RandomNoise", noise_seed=seed)
+    sampler = g.add("KSamplerSelect", sampler_name="euler")
+    return g.add("SamplerCustomAdvanced", noise=out(noise), guider=out(guider), sampler=out(sampler),
+                 sigmas=sigmas, latent_image=latent)
+
+
+def test_guider_with_sampler_custom_advanced(comfy_server):
+    g = Graph()
+    model, clip, vae = load_checkpoint(g, SD15_REF)
+    sigmas = out(g.add("BasicScheduler", model=model, scheduler="normal", steps=STEPS, denoise=1.0))
+    pos, neg = encode_pair(g, clip)
+    latent = empty_latent(g)
+    cfg_guider = g.add("CFGGuider", model=model, positive=pos, negative=neg, cfg=CFG)
+    cfg_img = save(g, out(custom_advanced(g, cfg_guider, sigmas, latent)), vae, "f_cfg_guider")
+
+    pair, pclip, pvae = load_pair(g, SD15_REF, SD15_ALIGNED_CKPT)
+    ppos, pneg = encode_pair(g, pclip)
+    platent = empty_latent(g)
+    savers = {}
+    for lam in (0.0, 0.5):
+        guider = g.add("DeRaDiffGuider", pair=pair, positive=ppos, negative=pneg, cfg=CFG, **{"lambda": lam})
+        savers[lam] = save(g, out(custom_advanced(g, guider, sigmas, platent)), pvae, f"f_guider_{lam}")
+    # the same pair through DeRaDiff KSampler (same sigmas: euler / normal / STEPS)
+    ks_half = save(g, out(deradiff_ksampler(g, pair, 0.5, ppos, pneg, platent)), pvae, "f_ksampler_0.5")
+
+    entry = comfy_server.run(g, timeout=300)
+    img_cfg = one_image(comfy_server, entry, cfg_img)
+    img = {lam: one_image(comfy_server, entry, n) for lam, n in savers.items()}
+    assert img[0.5].shape == (SIZE, SIZE, 3)
+    assert_same_image(img[0.0], img_cfg, "DeRaDiff Guider λ=0 vs CFGGuider(reference)")
+    assert_different_images(img[0.5], img_cfg, "DeRaDiff Guider λ=0.5 vs CFGGuider(reference)")
+    assert_same_image(img[0.5], one_image(comfy_server, entry, ks_half),
+                      "DeRaDiff Guider λ=0.5 vs DeRaDiff KSampler λ=0.5")
+
+
+# -- g. pairs that cannot be mixed are refused ------------------------------------------
+
+def failed_prompt(server, g: Graph) -> dict:
+    entry = server.run(g, timeout=300, expect_success=False)
+    assert status_of(entry) == "error", f"the prompt did not fail: status {status_of(entry)}"
+    err = status_messages(entry).get("execution_error")
+    assert err, f"no execution_error in {entry['status']}"
+    return err
+
+
+def test_family_mismatch_is_refused(comfy_server):
+    g = Graph()
+    pair, clip, vae = load_pair(g, SD15_REF, SDXL_ALIGNED_UNET)
+    pos, neg = encode_pair(g, clip)
+    saver = save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, empty_latent(g))), vae, "g_family")
+    err = failed_prompt(comfy_server, g)
+    msg = err["exception_message"]
+    assert err["node_type"] == "DeRaDiffLoadAlignedPair", err
+    assert msg.startswith("Load Aligned Model Pair (DeRaDiff): input 'aligned_model'"), msg
+    for needle in (SD15_REF, SDXL_ALIGNED_UNET, "SD15", "SDXL", "different model families"):
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    assert saver not in err.get("executed", [])
+
+
+def test_schedule_mismatch_is_refused(comfy_server):
+    g = Graph()
+    model, clip, vae = load_checkpoint(g, SD15_REF)
+    # the reference itself with a zero-terminal-SNR schedule patched onto it
+    aligned = g.add("ModelSamplingDiscrete", model=model, sampling="eps", zsnr=True)
+    pair = out(g.add("DeRaDiffMakePair", reference=model, aligned=out(aligned)))
+    pos, neg = encode_pair(g, clip)
+    save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, empty_latent(g))), vae, "g_schedule")
+    err = failed_prompt(comfy_server, g)
+    msg = err["exception_message"]
+    assert err["node_type"] == "DeRaDiffMakePair", err
+    assert msg.startswith("Make Aligned Model Pair (DeRaDiff): input 'aligned'"), msg
+    assert "noise schedule" in msg, msg
+
+
+# -- h. progress, previews and cancel over the websocket -----------------------------------
+
+def preview_frames(messages) -> list[Image.Image]:
+    frames = []
+    for m in messages:
+        if isinstance(m, bytes):
+            event, = struct.unpack(">I", m[:4])
+            if event == 1:  # PREVIEW_IMAGE: 4-byte image type (1 JPEG, 2 PNG), then the image
+                frames.append(Image.open(io.BytesIO(m[8:])))
+    return frames
+
+
+def json_messages(messages, kind, prompt_id):
+    return [m["data"] for m in messages if isinstance(m, dict) and m["type"] == kind
+            and m["data"].get("prompt_id") == prompt_id]
+
+
+def sd15_graph(steps, size, seed, prefix, lam=0.5):
+    g = Graph()
+    pair, clip, vae = load_pair(g, SD15_REF, SD15_ALIGNED_CKPT)
+    pos, neg = encode_pair(g, clip)
+    sampler = deradiff_ksampler(g, pair, lam, pos, neg, empty_latent(g, size), seed=seed, steps=steps)
+    return g, sampler, save(g, out(sampler), vae, prefix)
+
+
+def test_progress_and_previews_over_websocket(comfy_server):
+    steps = 6
+    g, sampler, saver = sd15_graph(steps, SIZE, seed=7001, prefix="h_progress")
+    prompt_id, messages = comfy_server.ws_run(g)
+    progress = [p for p in json_messages(messages, "progress", prompt_id) if p["node"] == sampler]
+    assert progress, f"no progress messages for the DeRaDiff KSampler: {[m['type'] for m in messages if isinstance(m, dict)]}"
+    assert {p["max"] for p in progress} == {steps}, progress
+    values = [p["value"] for p in progress]
+    assert values == sorted(values) and values[-1] == steps, values
+    frames = preview_frames(messages)
+    assert frames, "no binary preview frames"
+    for frame in frames:
+        frame.load()
+        assert frame.size[0] > 0 and frame.size[1] > 0
+    assert json_messages(messages, "execution_success", prompt_id)
+    executed = [m for m in json_messages(messages, "executed", prompt_id) if m["node"] == saver]
+    assert executed and executed[0]["output"]["images"], executed
+
+
+def test_cancel_over_websocket(comfy_server):
+    steps = 200
+    g, sampler, saver = sd15_graph(steps, 256, seed=7002, prefix="h_cancelled")
+    interrupted = []
+
+    def interrupt_on_first_progress(msg, server):
+        if isinstance(msg, dict) and msg["type"] == "progress" and not interrupted:
+            interrupted.append(msg["data"]["value"])
+            server.interrupt()
+
+    prompt_id, messages = comfy_server.ws_run(g, on_message=interrupt_on_first_progress)
+    assert interrupted, "no progress message arrived before the end of the prompt"
+    stopped = json_messages(messages, "execution_interrupted", prompt_id)
+    assert stopped, f"no execution_interrupted; got {[m['type'] for m in messages if isinstance(m, dict)]}"
+    assert stopped[0]["node_id"] == sampler, stopped
+    values = [p["value"] for p in json_messages(messages, "progress", prompt_id)]
+    assert max(values) < steps, f"the run went to the end: {values[-5:]}"
+    assert not [m for m in json_messages(messages, "executed", prompt_id) if m["node"] == saver]
+    assert not list(comfy_server.output_dir.glob("h_cancelled*")), "an image was saved from the cancelled run"
+    entry = comfy_server.wait(prompt_id)
+    assert "execution_interrupted" in status_messages(entry), entry["status"]
+
+    # the server goes on working after the cancel
+    g, sampler, saver = sd15_graph(2, SIZE, seed=7003, prefix="h_after_cancel")
+    entry = comfy_server.run(g)
+    assert one_image(comfy_server, entry, saver).shape == (SIZE, SIZE, 3)
+
+
+# -- i. batches, img2img and inpainting ------------------------------------------------------
+
+def test_batch_of_two(comfy_server):
+    g = Graph()
+    pair, clip, vae = load_pair(g, SD15_REF, SD15_ALIGNED_CKPT)
+    pos, neg = encode_pair(g, clip)
+    saver = save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, empty_latent(g, batch=2))), vae, "i_batch")
+    entry = comfy_server.run(g)
+    images = saved_images(comfy_server, entry, saver)
+    assert len(images) == 2
+    for img in images:
+        assert img.shape == (SIZE, SIZE, 3)
+        assert_not_flat(img, "batch image")
+    assert_different_images(images[0], images[1], "the two images of a batch")
+
+
+@pytest.fixture(scope="module")
+def input_image(comfy_server):
+    """A 64x64 RGBA picture in the server's input folder; its left half is transparent (the mask)."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    rgba = np.stack([x * 4, y * 4, (x + y) * 2, np.where(x < SIZE // 2, 0, 255)], axis=-1).astype(np.uint8)
+    name = "deradiff_test_input.png"
+    Image.fromarray(rgba, "RGBA").save(comfy_server.input_dir / name)
+    return name
+
+
+def test_img2img(comfy_server, input_image):
+    g = Graph()
+    pair, clip, vae = load_pair(g, SD15_REF, SD15_ALIGNED_CKPT)
+    pos, neg = encode_pair(g, clip)
+    pixels = out(g.add("LoadImage", image=input_image), 0)
+    latent = out(g.add("VAEEncode", pixels=pixels, vae=vae))
+    savers = {d: save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, latent, denoise=d, steps=4)), vae, f"i_img2img_{d}")
+              for d in (0.5, 1.0)}
+    entry = comfy_server.run(g)
+    half, full = (one_image(comfy_server, entry, savers[d]) for d in (0.5, 1.0))
+    assert half.shape == (SIZE, SIZE, 3)
+    assert_not_flat(half, "img2img")
+    # denoise 0.5 keeps the input's structure: the output depends on the input latent
+    assert_different_images(half, full, "img2img denoise 0.5 vs 1.0")
+
+
+def test_inpainting(comfy_server, input_image):
+    g = Graph()
+    pair, clip, vae = load_pair(g, SD15_REF, SD15_ALIGNED_CKPT)
+    pos, neg = encode_pair(g, clip)
+    loaded = g.add("LoadImage", image=input_image)
+    pixels, mask = out(loaded, 0), out(loaded, 1)
+
+    inpaint_latent = out(g.add("VAEEncodeForInpaint", pixels=pixels, vae=vae, mask=mask, grow_mask_by=6))
+    inpaint_img = save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, inpaint_latent)), vae, "i_inpaint")
+
+    encoded = out(g.add("VAEEncode", pixels=pixels, vae=vae))
+    masked = out(g.add("SetLatentNoiseMask", samples=encoded, mask=mask))
+    encoded_saved = g.add("SaveLatent", samples=encoded, filename_prefix="i_encoded")
+    noise_mask = {}
+    for lam in (0.0, 0.5):
+        s = deradiff_ksampler(g, pair, lam, pos, neg, masked)
+        noise_mask[lam] = (save(g, out(s), vae, f"i_noise_mask_{lam}"),
+                           g.add("SaveLatent", samples=out(s), filename_prefix=f"i_noise_mask_{lam}"))
+
+    model, cclip, cvae = load_checkpoint(g, SD15_REF)
+    cpos, cneg = encode_pair(g, cclip)
+    cmasked = out(g.add("SetLatentNoiseMask", samples=out(g.add("VAEEncode", pixels=pixels, vae=cvae)), mask=mask))
+    ks_img = save(g, out(ksampler(g, model, cpos, cneg, cmasked)), cvae, "i_noise_mask_ksampler")
+
+    entry = comfy_server.run(g, timeout=300)
+    img = one_image(comfy_server, entry, inpaint_img)
+    assert img.shape == (SIZE, SIZE, 3)
+    assert_not_flat(img, "VAEEncodeForInpaint")
+    assert_same_image(one_image(comfy_server, entry, noise_mask[0.0][0]), one_image(comfy_server, entry, ks_img),
+                      "noise mask: DeRaDiff λ=0 vs KSampler(reference)")
+
+    # λ=0.5 with the noise mask: the kept (opaque, right) half of the latent is the input's,
+    # the masked (transparent, left) half is new
+    source = saved_latent(comfy_server, entry, encoded_saved)
+    result = saved_latent(comfy_server, entry, noise_mask[0.5][1])
+    assert result.shape == source.shape == (1, 4, SIZE // 8, SIZE // 8)
+    half = SIZE // 16
+    kept = (result[..., half:] - source[..., half:]).abs().max().item()
+    changed = (result[..., :half] - source[..., :half]).abs().mean().item()
+    scale = source.abs().mean().item()
+    assert kept <= 1e-3 * max(scale, 1.0), f"the unmasked half changed by up to {kept:.3g}"
+    assert changed > 0.1 * scale, f"the masked half barely changed ({changed:.3g}, latent scale {scale:.3g})"
