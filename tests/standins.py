@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -37,6 +38,7 @@ SDXL_UNET = dict(
 SD15_FULL_UNET = dict(SD15_UNET, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
                       transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
                       transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+STANDIN_DIR = Path(os.environ.get("DERADIFF_STANDINS", Path(__file__).resolve().parent.parent / ".cache" / "standins-v1"))
 UNET_CONFIGS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "sd15_full": SD15_FULL_UNET}
 
 
@@ -149,3 +151,40 @@ def write_lora(path: str, family: str, seed: int, rank: int = 4, scale: float = 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file(sd, path)
     return path
+
+
+# file name -> (writer, family, seed, extra kwargs). The SDXL reference is a checkpoint and its
+# aligned version a UNet-only file, as Diffusion-DPO SDXL is released.
+STANDINS = {
+    "checkpoints/sd15_reference.safetensors": ("checkpoint", "sd15", 100, {}),
+    "checkpoints/sd15_aligned.safetensors": ("checkpoint", "sd15", 200, {}),
+    "diffusion_models/sd15_aligned_unet.safetensors": ("unet", "sd15", 300, {}),
+    "checkpoints/sdxl_reference.safetensors": ("checkpoint", "sdxl", 400, {}),
+    "diffusion_models/sdxl_aligned_unet.safetensors": ("unet", "sdxl", 500, {}),
+    "loras/sd15_aligned_lora.safetensors": ("lora", "sd15", 600, {}),
+}
+# Written only by the tests that need them (ensure_standin): a full-size SD1.5 UNet in the
+# diffusers layout (1.7 GB), because ComfyUI recognises diffusers UNets by full configs only.
+ON_DEMAND = {
+    "diffusion_models/sd15_aligned_diffusers_unet.safetensors": ("unet", "sd15_full", 700, {"layout": "diffusers"}),
+}
+
+
+def ensure_standin(name: str) -> Path:
+    path = STANDIN_DIR / name
+    if path.exists():
+        return path
+    kind, family, seed, extra = {**STANDINS, **ON_DEMAND}[name]
+    tmp = path.with_suffix(".partial")
+    writer = {"checkpoint": write_checkpoint, "unet": write_unet,
+              "lora": write_lora}[kind]
+    writer(str(tmp), family, seed, **extra)
+    tmp.rename(path)
+    return path
+
+
+def ensure_all_standins() -> Path:
+    """Writes any missing stand-in into STANDIN_DIR (once per machine) and returns it."""
+    for name in STANDINS:
+        ensure_standin(name)
+    return STANDIN_DIR

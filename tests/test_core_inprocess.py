@@ -250,3 +250,17 @@ def test_bad_lambda_names_node_and_input(sd15, pack, bad):
     pair = make_pair(pack, sd15["ref"], sd15["aligned"])
     with pytest.raises(pack.nodes.common.NodeInputError, match=r"DeRaDiff KSampler: input 'lambda'"):
         realign(pack, pair, bad, sd15)
+
+
+def test_diffusers_layout_unet_loads_as_the_aligned_model(comfy, sd15, pack):
+    from conftest import ensure_standin
+    ensure_standin("diffusion_models/sd15_aligned_diffusers_unet.safetensors")
+    pair = pack.nodes.DeRaDiffLoadAlignedPair().load(
+        "sd15_reference.safetensors", "diffusion_models/sd15_aligned_diffusers_unet.safetensors", 5000.0)[0]
+    assert type(pair.aligned.model.model_config).__name__ == "SD15"
+    assert pair.beta == 5000.0
+    unet = load_unet("sd15_aligned_diffusers_unet.safetensors")
+    want = ksampler(unet, sd15["latent"], sd15["pos"], sd15["neg"], seed=7, steps=1)
+    assert_bit_identical(realign(pack, pair, 1.0, sd15, steps=1), want)
+    mixed = realign(pack, pair, 0.5, sd15, steps=1)
+    assert torch.isfinite(mixed).all() and not torch.equal(mixed, want)
