@@ -3,6 +3,10 @@
 Every prompt is a small API-format graph on the stand-in models: 64x64 images and
 2-6 steps, so that the whole module runs in about a minute and a half on two CPU cores.
 Images are compared pixel for pixel after the server saved them as PNG.
+
+The tests are ordered so that consecutive prompts share their loaders: ComfyUI keeps a
+node's output for the next prompt when that prompt has the same node with the same
+inputs, so the stand-ins are loaded a few times rather than once per test.
 """
 from __future__ import annotations
 
@@ -207,137 +211,6 @@ def test_sd15_end_to_end(comfy_server):
     assert entry["outputs"][sampler]["deradiff"] == ["λ = 0.5"]
 
 
-# -- c. λ=0 is the reference, λ=1 the aligned model ------------------------------------
-
-@pytest.fixture(scope="module")
-def sd15_lambda_images(comfy_server):
-    """Pack at λ 0 / 0.5 / 1 and plain KSampler on the reference and on the aligned UNet, one prompt."""
-    g = Graph()
-    pair, pclip, pvae = load_pair(g, SD15_REF, SD15_ALIGNED_UNET)
-    pos, neg = encode_pair(g, pclip)
-    latent = empty_latent(g)
-    savers = {}
-    for lam in (0.0, 0.5, 1.0):
-        s = deradiff_ksampler(g, pair, lam, pos, neg, latent)
-        savers[f"pack_{lam}"] = save(g, out(s), pvae, f"c_pack_{lam}")
-
-    model, clip, vae = load_checkpoint(g, SD15_REF)
-    cpos, cneg = encode_pair(g, clip)
-    clatent = empty_latent(g)
-    savers["ksampler_reference"] = save(g, out(ksampler(g, model, cpos, cneg, clatent)), vae, "c_ks_ref")
-    unet = out(g.add("UNETLoader", unet_name=SD15_ALIGNED_UNET.split("/", 1)[1], weight_dtype="default"))
-    savers["ksampler_aligned"] = save(g, out(ksampler(g, unet, cpos, cneg, clatent)), vae, "c_ks_aligned")
-
-    entry = comfy_server.run(g, timeout=300)
-    return {k: one_image(comfy_server, entry, n) for k, n in savers.items()}
-
-
-def test_lambda_0_equals_ksampler_on_reference(sd15_lambda_images):
-    imgs = sd15_lambda_images
-    # the stand-ins must really differ, or the comparisons below prove nothing
-    assert_different_images(imgs["ksampler_reference"], imgs["ksampler_aligned"], "reference vs aligned KSampler")
-    assert_same_image(imgs["pack_0.0"], imgs["ksampler_reference"], "DeRaDiff λ=0 vs KSampler(reference)")
-
-
-def test_lambda_1_equals_ksampler_on_aligned_unet(sd15_lambda_images):
-    imgs = sd15_lambda_images
-    assert_same_image(imgs["pack_1.0"], imgs["ksampler_aligned"], "DeRaDiff λ=1 vs KSampler(UNETLoader aligned)")
-
-
-def test_lambda_half_differs_from_both(sd15_lambda_images):
-    imgs = sd15_lambda_images
-    assert_different_images(imgs["pack_0.5"], imgs["ksampler_reference"], "λ=0.5 vs reference")
-    assert_different_images(imgs["pack_0.5"], imgs["ksampler_aligned"], "λ=0.5 vs aligned")
-
-
-# -- d. SDXL end to end ----------------------------------------------------------------
-
-def test_sdxl_end_to_end(comfy_server):
-    g = Graph()
-    pair, clip, vae = load_pair(g, SDXL_REF, SDXL_ALIGNED_UNET)
-    conds = [out(g.add("CLIPTextEncodeSDXL", clip=clip, width=SIZE, height=SIZE, crop_w=0, crop_h=0,
-                       target_width=SIZE, target_height=SIZE, text_g=text, text_l=text))
-             for text in (POSITIVE, NEGATIVE)]
-    latent = empty_latent(g)
-    savers = {lam: save(g, out(deradiff_ksampler(g, pair, lam, *conds, latent, steps=2)), vae, f"d_sdxl_{lam}")
-              for lam in (0.0, 0.5)}
-    entry = comfy_server.run(g, timeout=400)
-    imgs = {lam: one_image(comfy_server, entry, n) for lam, n in savers.items()}
-    for lam, img in imgs.items():
-        assert img.shape == (SIZE, SIZE, 3)
-        assert_not_flat(img, f"SDXL λ={lam}")
-    assert_different_images(imgs[0.5], imgs[0.0], "SDXL λ=0.5 vs λ=0")
-
-
-# -- e. LoRA-aligned pair -----------------------------------------------------------
-
-LORA_TOLERANCE_MAX = 2     # per channel, out of 255
-LORA_TOLERANCE_MEAN = 0.25
-
-
-def write_lora_merged_unet(path, strength: float = 1.0) -> int:
-    """The reference UNet with the LoRA merged in (kohya: W + strength * alpha/rank * up @ down), fp32."""
-    import torch
-    from safetensors.torch import load_file, save_file
-    ckpt = load_file(str(STANDIN_DIR / "checkpoints" / SD15_REF))
-    lora = load_file(str(STANDIN_DIR / "loras" / SD15_LORA))
-    prefix = "model.diffusion_model."
-    unet = {k[len(prefix):]: v.float() for k, v in ckpt.items() if k.startswith(prefix)}
-    merged = 0
-    for key, weight in unet.items():
-        if not key.endswith(".weight"):
-            continue
-        name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
-        if name + ".lora_up.weight" not in lora:
-            continue
-        up = lora[name + ".lora_up.weight"].float()
-        down = lora[name + ".lora_down.weight"].float()
-        rank = down.shape[0]
-        alpha = float(lora[name + ".alpha"]) if name + ".alpha" in lora else rank
-        unet[key] = weight + strength * (alpha / rank) * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
-        merged += 1
-    lora_modules = {k.split(".", 1)[0] for k in lora}
-    assert merged == len(lora_modules) and merged > 0, f"merged {merged} of {len(lora_modules)} LoRA modules"
-    save_file({k: v.contiguous() for k, v in unet.items()}, str(path))
-    return merged
-
-
-def test_lora_pair_equals_merged_unet_pair(comfy_server):
-    merged_name = "sd15_reference_plus_lora_merged.safetensors"
-    write_lora_merged_unet(comfy_server.extra_diffusion_models / merged_name)
-    log_offset = len(comfy_server.log_text())
-
-    # reference + the same checkpoint through LoraLoader: two clones of one base model
-    g = Graph()
-    model, clip, vae = load_checkpoint(g, SD15_REF)
-    lora = g.add("LoraLoader", model=model, clip=clip, lora_name=SD15_LORA, strength_model=1.0, strength_clip=0.0)
-    pair = out(g.add("DeRaDiffMakePair", reference=model, aligned=out(lora, 0)))
-    pos, neg = encode_pair(g, clip)
-    latent = empty_latent(g)
-    lora_half = save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, latent)), vae, "e_lora_half")
-    lora_zero = save(g, out(deradiff_ksampler(g, pair, 0.0, pos, neg, latent)), vae, "e_lora_zero")
-    entry = comfy_server.run(g, timeout=300)
-    img_lora = one_image(comfy_server, entry, lora_half)
-    img_ref = one_image(comfy_server, entry, lora_zero)
-    log = log_since(comfy_server, log_offset)
-    assert "a second full copy" in log, f"no 'second full copy' warning in the server log:\n{log[-3000:]}"
-
-    # the same pair with the aligned side an independent file: the LoRA merged by hand
-    g = Graph()
-    pair, pclip, pvae = load_pair(g, SD15_REF, "diffusion_models/" + merged_name)
-    pos, neg = encode_pair(g, pclip)
-    merged_half = save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, empty_latent(g))), pvae, "e_merged_half")
-    entry = comfy_server.run(g, timeout=300)
-    img_merged = one_image(comfy_server, entry, merged_half)
-
-    # the LoRA must change the picture well beyond the tolerance, or the comparison is empty
-    assert_different_images(img_lora, img_ref, "LoRA pair λ=0.5 vs λ=0", min_mean=8 * LORA_TOLERANCE_MEAN)
-    d = diff(img_lora, img_merged)
-    assert d.max() <= LORA_TOLERANCE_MAX and d.mean() <= LORA_TOLERANCE_MEAN, (
-        f"LoRA pair vs merged-UNet pair at λ=0.5: max abs difference {d.max()}/255 "
-        f"(allowed {LORA_TOLERANCE_MAX}), mean {d.mean():.3f} (allowed {LORA_TOLERANCE_MEAN})")
-
-
 # -- f. DeRaDiff Guider through SamplerCustomAdvanced --------------------------------------
 
 def custom_advanced(g: Graph, guider: str, sigmas: list, latent: list, seed=SEED) -> str:
@@ -374,45 +247,6 @@ def test_guider_with_sampler_custom_advanced(comfy_server):
     assert_different_images(img[0.5], img_cfg, "DeRaDiff Guider λ=0.5 vs CFGGuider(reference)")
     assert_same_image(img[0.5], one_image(comfy_server, entry, ks_half),
                       "DeRaDiff Guider λ=0.5 vs DeRaDiff KSampler λ=0.5")
-
-
-# -- g. pairs that cannot be mixed are refused ------------------------------------------
-
-def failed_prompt(server, g: Graph) -> dict:
-    entry = server.run(g, timeout=300, expect_success=False)
-    assert status_of(entry) == "error", f"the prompt did not fail: status {status_of(entry)}"
-    err = status_messages(entry).get("execution_error")
-    assert err, f"no execution_error in {entry['status']}"
-    return err
-
-
-def test_family_mismatch_is_refused(comfy_server):
-    g = Graph()
-    pair, clip, vae = load_pair(g, SD15_REF, SDXL_ALIGNED_UNET)
-    pos, neg = encode_pair(g, clip)
-    saver = save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, empty_latent(g))), vae, "g_family")
-    err = failed_prompt(comfy_server, g)
-    msg = err["exception_message"]
-    assert err["node_type"] == "DeRaDiffLoadAlignedPair", err
-    assert msg.startswith("Load Aligned Model Pair (DeRaDiff): input 'aligned_model'"), msg
-    for needle in (SD15_REF, SDXL_ALIGNED_UNET, "SD15", "SDXL", "different model families"):
-        assert needle in msg, f"{needle!r} not in {msg!r}"
-    assert saver not in err.get("executed", [])
-
-
-def test_schedule_mismatch_is_refused(comfy_server):
-    g = Graph()
-    model, clip, vae = load_checkpoint(g, SD15_REF)
-    # the reference itself with a zero-terminal-SNR schedule patched onto it
-    aligned = g.add("ModelSamplingDiscrete", model=model, sampling="eps", zsnr=True)
-    pair = out(g.add("DeRaDiffMakePair", reference=model, aligned=out(aligned)))
-    pos, neg = encode_pair(g, clip)
-    save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, empty_latent(g))), vae, "g_schedule")
-    err = failed_prompt(comfy_server, g)
-    msg = err["exception_message"]
-    assert err["node_type"] == "DeRaDiffMakePair", err
-    assert msg.startswith("Make Aligned Model Pair (DeRaDiff): input 'aligned'"), msg
-    assert "noise schedule" in msg, msg
 
 
 # -- h. progress, previews and cancel over the websocket -----------------------------------
@@ -571,3 +405,173 @@ def test_inpainting(comfy_server, input_image):
     scale = source.abs().mean().item()
     assert kept <= 1e-3 * max(scale, 1.0), f"the unmasked half changed by up to {kept:.3g}"
     assert changed > 0.1 * scale, f"the masked half barely changed ({changed:.3g}, latent scale {scale:.3g})"
+# -- g. pairs that cannot be mixed are refused ------------------------------------------
+
+def failed_prompt(server, g: Graph) -> dict:
+    entry = server.run(g, timeout=300, expect_success=False)
+    assert status_of(entry) == "error", f"the prompt did not fail: status {status_of(entry)}"
+    err = status_messages(entry).get("execution_error")
+    assert err, f"no execution_error in {entry['status']}"
+    return err
+
+
+def test_schedule_mismatch_is_refused(comfy_server):
+    g = Graph()
+    model, clip, vae = load_checkpoint(g, SD15_REF)
+    # the reference itself with a zero-terminal-SNR schedule patched onto it
+    aligned = g.add("ModelSamplingDiscrete", model=model, sampling="eps", zsnr=True)
+    pair = out(g.add("DeRaDiffMakePair", reference=model, aligned=out(aligned)))
+    pos, neg = encode_pair(g, clip)
+    save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, empty_latent(g))), vae, "g_schedule")
+    err = failed_prompt(comfy_server, g)
+    msg = err["exception_message"]
+    assert err["node_type"] == "DeRaDiffMakePair", err
+    assert msg.startswith("Make Aligned Model Pair (DeRaDiff): input 'aligned'"), msg
+    assert "noise schedule" in msg, msg
+
+
+def test_family_mismatch_is_refused(comfy_server):
+    g = Graph()
+    pair, clip, vae = load_pair(g, SD15_REF, SDXL_ALIGNED_UNET)
+    pos, neg = encode_pair(g, clip)
+    saver = save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, empty_latent(g))), vae, "g_family")
+    err = failed_prompt(comfy_server, g)
+    msg = err["exception_message"]
+    assert err["node_type"] == "DeRaDiffLoadAlignedPair", err
+    assert msg.startswith("Load Aligned Model Pair (DeRaDiff): input 'aligned_model'"), msg
+    for needle in (SD15_REF, SDXL_ALIGNED_UNET, "SD15", "SDXL", "different model families"):
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    assert saver not in err.get("executed", [])
+
+
+# -- c. λ=0 is the reference, λ=1 the aligned model ------------------------------------
+
+@pytest.fixture(scope="module")
+def sd15_lambda_images(comfy_server):
+    """Pack at λ 0 / 0.5 / 1 and plain KSampler on the reference and on the aligned UNet, one prompt."""
+    g = Graph()
+    pair, pclip, pvae = load_pair(g, SD15_REF, SD15_ALIGNED_UNET)
+    pos, neg = encode_pair(g, pclip)
+    latent = empty_latent(g)
+    savers = {}
+    for lam in (0.0, 0.5, 1.0):
+        s = deradiff_ksampler(g, pair, lam, pos, neg, latent)
+        savers[f"pack_{lam}"] = save(g, out(s), pvae, f"c_pack_{lam}")
+
+    model, clip, vae = load_checkpoint(g, SD15_REF)
+    cpos, cneg = encode_pair(g, clip)
+    clatent = empty_latent(g)
+    savers["ksampler_reference"] = save(g, out(ksampler(g, model, cpos, cneg, clatent)), vae, "c_ks_ref")
+    unet = out(g.add("UNETLoader", unet_name=SD15_ALIGNED_UNET.split("/", 1)[1], weight_dtype="default"))
+    savers["ksampler_aligned"] = save(g, out(ksampler(g, unet, cpos, cneg, clatent)), vae, "c_ks_aligned")
+
+    entry = comfy_server.run(g, timeout=300)
+    return {k: one_image(comfy_server, entry, n) for k, n in savers.items()}
+
+
+def test_lambda_0_equals_ksampler_on_reference(sd15_lambda_images):
+    imgs = sd15_lambda_images
+    # the stand-ins must really differ, or the comparisons below prove nothing
+    assert_different_images(imgs["ksampler_reference"], imgs["ksampler_aligned"], "reference vs aligned KSampler")
+    assert_same_image(imgs["pack_0.0"], imgs["ksampler_reference"], "DeRaDiff λ=0 vs KSampler(reference)")
+
+
+def test_lambda_1_equals_ksampler_on_aligned_unet(sd15_lambda_images):
+    imgs = sd15_lambda_images
+    assert_same_image(imgs["pack_1.0"], imgs["ksampler_aligned"], "DeRaDiff λ=1 vs KSampler(UNETLoader aligned)")
+
+
+def test_lambda_half_differs_from_both(sd15_lambda_images):
+    imgs = sd15_lambda_images
+    assert_different_images(imgs["pack_0.5"], imgs["ksampler_reference"], "λ=0.5 vs reference")
+    assert_different_images(imgs["pack_0.5"], imgs["ksampler_aligned"], "λ=0.5 vs aligned")
+
+
+# -- e. LoRA-aligned pair -----------------------------------------------------------
+
+LORA_TOLERANCE_MAX = 2     # per channel, out of 255
+LORA_TOLERANCE_MEAN = 0.25
+
+
+def write_lora_merged_unet(path, strength: float = 1.0) -> int:
+    """The reference UNet with the LoRA merged in (kohya: W + strength * alpha/rank * up @ down), fp32."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    ckpt = load_file(str(STANDIN_DIR / "checkpoints" / SD15_REF))
+    lora = load_file(str(STANDIN_DIR / "loras" / SD15_LORA))
+    prefix = "model.diffusion_model."
+    unet = {k[len(prefix):]: v.float() for k, v in ckpt.items() if k.startswith(prefix)}
+    merged = 0
+    for key, weight in unet.items():
+        if not key.endswith(".weight"):
+            continue
+        name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+        if name + ".lora_up.weight" not in lora:
+            continue
+        up = lora[name + ".lora_up.weight"].float()
+        down = lora[name + ".lora_down.weight"].float()
+        rank = down.shape[0]
+        alpha = float(lora[name + ".alpha"]) if name + ".alpha" in lora else rank
+        unet[key] = weight + strength * (alpha / rank) * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+        merged += 1
+    lora_modules = {k.split(".", 1)[0] for k in lora}
+    assert merged == len(lora_modules) and merged > 0, f"merged {merged} of {len(lora_modules)} LoRA modules"
+    save_file({k: v.contiguous() for k, v in unet.items()}, str(path))
+    return merged
+
+
+def test_lora_pair_equals_merged_unet_pair(comfy_server):
+    merged_name = "sd15_reference_plus_lora_merged.safetensors"
+    write_lora_merged_unet(comfy_server.extra_diffusion_models / merged_name)
+    log_offset = len(comfy_server.log_text())
+
+    # reference + the same checkpoint through LoraLoader: two clones of one base model
+    g = Graph()
+    model, clip, vae = load_checkpoint(g, SD15_REF)
+    lora = g.add("LoraLoader", model=model, clip=clip, lora_name=SD15_LORA, strength_model=1.0, strength_clip=0.0)
+    pair = out(g.add("DeRaDiffMakePair", reference=model, aligned=out(lora, 0)))
+    pos, neg = encode_pair(g, clip)
+    latent = empty_latent(g)
+    lora_half = save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, latent)), vae, "e_lora_half")
+    lora_zero = save(g, out(deradiff_ksampler(g, pair, 0.0, pos, neg, latent)), vae, "e_lora_zero")
+    entry = comfy_server.run(g, timeout=300)
+    img_lora = one_image(comfy_server, entry, lora_half)
+    img_ref = one_image(comfy_server, entry, lora_zero)
+    log = log_since(comfy_server, log_offset)
+    assert "a second full copy" in log, f"no 'second full copy' warning in the server log:\n{log[-3000:]}"
+
+    # the same pair with the aligned side an independent file: the LoRA merged by hand
+    g = Graph()
+    pair, pclip, pvae = load_pair(g, SD15_REF, "diffusion_models/" + merged_name)
+    pos, neg = encode_pair(g, pclip)
+    merged_half = save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, empty_latent(g))), pvae, "e_merged_half")
+    entry = comfy_server.run(g, timeout=300)
+    img_merged = one_image(comfy_server, entry, merged_half)
+
+    # the LoRA must change the picture well beyond the tolerance, or the comparison is empty
+    assert_different_images(img_lora, img_ref, "LoRA pair λ=0.5 vs λ=0", min_mean=8 * LORA_TOLERANCE_MEAN)
+    d = diff(img_lora, img_merged)
+    assert d.max() <= LORA_TOLERANCE_MAX and d.mean() <= LORA_TOLERANCE_MEAN, (
+        f"LoRA pair vs merged-UNet pair at λ=0.5: max abs difference {d.max()}/255 "
+        f"(allowed {LORA_TOLERANCE_MAX}), mean {d.mean():.3f} (allowed {LORA_TOLERANCE_MEAN})")
+
+
+# -- d. SDXL end to end ----------------------------------------------------------------
+
+def test_sdxl_end_to_end(comfy_server):
+    g = Graph()
+    pair, clip, vae = load_pair(g, SDXL_REF, SDXL_ALIGNED_UNET)
+    conds = [out(g.add("CLIPTextEncodeSDXL", clip=clip, width=SIZE, height=SIZE, crop_w=0, crop_h=0,
+                       target_width=SIZE, target_height=SIZE, text_g=text, text_l=text))
+             for text in (POSITIVE, NEGATIVE)]
+    latent = empty_latent(g)
+    savers = {lam: save(g, out(deradiff_ksampler(g, pair, lam, *conds, latent, steps=2)), vae, f"d_sdxl_{lam}")
+              for lam in (0.0, 0.5)}
+    entry = comfy_server.run(g, timeout=400)
+    imgs = {lam: one_image(comfy_server, entry, n) for lam, n in savers.items()}
+    for lam, img in imgs.items():
+        assert img.shape == (SIZE, SIZE, 3)
+        assert_not_flat(img, f"SDXL λ={lam}")
+    assert_different_images(imgs[0.5], imgs[0.0], "SDXL λ=0.5 vs λ=0")
+
+
