@@ -1,11 +1,17 @@
 from .pair_nodes import DeRaDiffLoadAlignedPair, DeRaDiffMakePair
 from .sampler_nodes import DeRaDiffGuiderNode, DeRaDiffKSampler
+from .schedule_nodes import DeRaDiffLambdaSchedule
+from .sweep_nodes import DeRaDiffLambdaSweep, DeRaDiffRealignModel, DeRaDiffSweepGrid
 
 NODE_CLASS_MAPPINGS = {
     "DeRaDiffLoadAlignedPair": DeRaDiffLoadAlignedPair,
     "DeRaDiffMakePair": DeRaDiffMakePair,
     "DeRaDiffKSampler": DeRaDiffKSampler,
     "DeRaDiffGuider": DeRaDiffGuiderNode,
+    "DeRaDiffLambdaSchedule": DeRaDiffLambdaSchedule,
+    "DeRaDiffLambdaSweep": DeRaDiffLambdaSweep,
+    "DeRaDiffSweepGrid": DeRaDiffSweepGrid,
+    "DeRaDiffRealignModel": DeRaDiffRealignModel,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -13,4 +19,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DeRaDiffMakePair": "Make Aligned Model Pair (DeRaDiff)",
     "DeRaDiffKSampler": "DeRaDiff KSampler",
     "DeRaDiffGuider": "DeRaDiff Guider",
+    "DeRaDiffLambdaSchedule": "DeRaDiff λ Schedule",
+    "DeRaDiffLambdaSweep": "DeRaDiff λ Sweep",
+    "DeRaDiffSweepGrid": "DeRaDiff Sweep Grid",
+    "DeRaDiffRealignModel": "DeRaDiff Realign Model",
 }

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 CATEGORY = "sampling/DeRaDiff"
 PAIR_TYPE = "DERADIFF_PAIR"
+SCHEDULE_TYPE = "DERADIFF_SCHEDULE"
+
+SCHEDULE_INPUT = (SCHEDULE_TYPE, {"tooltip": "Optional λ schedule (DeRaDiff λ Schedule); when connected it replaces the constant λ."})
 
 LAMBDA_INPUT = ("FLOAT", {
     "default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "round": 0.001,
@@ -36,9 +39,46 @@ def check_lambda_input(node: str, value) -> float:
     return lam
 
 
+def check_pair(node: str, pair):
+    if not hasattr(pair, "reference") or not hasattr(pair, "aligned"):
+        raise NodeInputError(node, "pair", f"expected a DERADIFF_PAIR, got {type(pair).__name__}")
+    return pair
+
+
+def lambda_or_schedule(node: str, kwargs):
+    """The schedule when one is connected, else the checked constant λ; plus a line for the UI."""
+    schedule = kwargs.get("lambda_schedule")
+    if schedule is not None:
+        if not hasattr(schedule, "value_at"):
+            raise NodeInputError(node, "lambda_schedule", f"expected a DERADIFF_SCHEDULE, got {type(schedule).__name__}")
+        return schedule, schedule.describe()
+    return check_lambda_input(node, kwargs.get("lambda", 1.0)), None
+
+
 def emulated_beta_text(beta, lam: float) -> str:
     if not beta:
         return f"λ = {lam:g}"
     if lam == 0:
         return f"λ = 0: the reference model (β/λ = ∞, aligned at β = {beta:g})"
     return f"λ = {lam:g}: emulates β/λ = {beta / lam:.4g} (aligned at β = {beta:g})"
+
+
+def sampler_inputs():
+    """KSampler's own inputs, same names and ranges, so DeRaDiff nodes are drop-in."""
+    import comfy.samplers
+    return {
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                 "tooltip": "The random seed used for creating the noise."}),
+        "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
+                  "tooltip": "The number of denoising steps."}),
+        "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                  "tooltip": "Classifier-free guidance scale, applied to each model "
+                             "separately before the two are mixed."}),
+        "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm. Every ComfyUI sampler works."}),
+        "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "The noise schedule."}),
+        "positive": ("CONDITIONING", {"tooltip": "What to include in the image (used by both models)."}),
+        "negative": ("CONDITIONING", {"tooltip": "What to exclude from the image (used by both models)."}),
+        "latent_image": ("LATENT", {"tooltip": "The latent image to denoise."}),
+        "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                      "tooltip": "The amount of denoising; below 1 keeps the input's structure (img2img)."}),
+    }

@@ -2,11 +2,10 @@ from __future__ import annotations
 
 import logging
 
-import comfy.samplers
-
 from ..sampler.guider import DeRaDiffGuider
 from ..sampler.sampling import realigned_ksampler
-from .common import CATEGORY, LAMBDA_INPUT, PAIR_TYPE, NodeInputError, check_lambda_input, emulated_beta_text
+from .common import (CATEGORY, LAMBDA_INPUT, PAIR_TYPE, SCHEDULE_INPUT, check_pair, emulated_beta_text,
+                     lambda_or_schedule, sampler_inputs)
 
 log = logging.getLogger("DeRaDiff")
 
@@ -14,10 +13,8 @@ PAIR_INPUT = (PAIR_TYPE, {"tooltip": "The reference + aligned model pair, from L
                                      "Model Pair."})
 
 
-def _check_pair(node, pair):
-    if not hasattr(pair, "reference") or not hasattr(pair, "aligned"):
-        raise NodeInputError(node, "pair", f"expected a DERADIFF_PAIR, got {type(pair).__name__}")
-    return pair
+def _ui_text(pair, lam, schedule_text):
+    return schedule_text or emulated_beta_text(pair.beta, lam)
 
 
 class DeRaDiffKSampler:
@@ -36,31 +33,20 @@ class DeRaDiffKSampler:
             "required": {
                 "pair": PAIR_INPUT,
                 "lambda": LAMBDA_INPUT,
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
-                                 "tooltip": "The random seed used for creating the noise."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
-                                  "tooltip": "The number of denoising steps."}),
-                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Classifier-free guidance scale, applied to each model "
-                                             "separately before the two are mixed."}),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm. Every ComfyUI sampler works."}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "The noise schedule."}),
-                "positive": ("CONDITIONING", {"tooltip": "What to include in the image (used by both models)."}),
-                "negative": ("CONDITIONING", {"tooltip": "What to exclude from the image (used by both models)."}),
-                "latent_image": ("LATENT", {"tooltip": "The latent image to denoise."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "The amount of denoising; below 1 keeps the input's structure (img2img)."}),
-            }
+                **sampler_inputs(),
+            },
+            "optional": {"lambda_schedule": SCHEDULE_INPUT},
         }
 
     def sample(self, pair, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                denoise=1.0, **kwargs):
-        _check_pair(self.NODE, pair)
-        lam = check_lambda_input(self.NODE, kwargs.get("lambda", 1.0))
-        log.info("DeRaDiff KSampler: %s", emulated_beta_text(pair.beta, lam))
+        check_pair(self.NODE, pair)
+        lam, schedule_text = lambda_or_schedule(self.NODE, kwargs)
+        text = _ui_text(pair, lam, schedule_text)
+        log.info("DeRaDiff KSampler: %s", text)
         out = realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                  latent_image, denoise)
-        return {"ui": {"deradiff": [emulated_beta_text(pair.beta, lam)]}, "result": (out,)}
+        return {"ui": {"deradiff": [text]}, "result": (out,)}
 
 
 class DeRaDiffGuiderNode:
@@ -82,12 +68,13 @@ class DeRaDiffGuiderNode:
                 "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Classifier-free guidance scale, applied to each model separately."}),
                 "lambda": LAMBDA_INPUT,
-            }
+            },
+            "optional": {"lambda_schedule": SCHEDULE_INPUT},
         }
 
     def get_guider(self, pair, positive, negative, cfg, **kwargs):
-        _check_pair(self.NODE, pair)
-        lam = check_lambda_input(self.NODE, kwargs.get("lambda", 1.0))
+        check_pair(self.NODE, pair)
+        lam, schedule_text = lambda_or_schedule(self.NODE, kwargs)
         guider = DeRaDiffGuider(pair, lam, cfg)
         guider.set_conds(positive, negative)
-        return {"ui": {"deradiff": [emulated_beta_text(pair.beta, lam)]}, "result": (guider,)}
+        return {"ui": {"deradiff": [_ui_text(pair, lam, schedule_text)]}, "result": (guider,)}

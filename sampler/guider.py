@@ -7,14 +7,29 @@ reduction of the geometric posterior mixture. The pair shares one noise schedule
 """
 from __future__ import annotations
 
+import torch
+
 import comfy.model_patcher
 import comfy.samplers
 
-from .mixing import mix_equal_variance
+from .mixing import mix_equal_variance, mix_per_sample
 from .schedules import as_schedule
 
 ALIGNED_KEY = "deradiff_aligned"
 _POST_CFG = "sampler_post_cfg_function"
+
+
+def mix(d_ref, d_aligned, lam):
+    """One λ for the batch (float) or one per batch element (tensor, the λ sweep)."""
+    if isinstance(lam, torch.Tensor):
+        return mix_per_sample(d_ref, d_aligned, lam)
+    return mix_equal_variance(d_ref, d_aligned, lam)
+
+
+def is_exactly(lam, value: float) -> bool:
+    if isinstance(lam, torch.Tensor):
+        return bool((lam == value).all())
+    return lam == value
 
 
 class _AlignedRun:
@@ -73,15 +88,15 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         run = self._aligned_run
         lam = self.schedule.value_at(timestep, model_options.get("transformer_options", {}).get("sample_sigmas"))
-        if run is None or lam == 0.0:
+        if run is None or is_exactly(lam, 0.0):
             return super().predict_noise(x, timestep, model_options, seed)
         sampler_post_cfg = model_options.get(_POST_CFG, [])[len(self.model_options.get(_POST_CFG, [])):]
-        if lam == 1.0:
+        if is_exactly(lam, 1.0):
             return self._denoise_aligned(run, x, timestep, model_options, sampler_post_cfg, seed)
         if not sampler_post_cfg:
             d_ref = super().predict_noise(x, timestep, model_options, seed)
             d_al = self._denoise_aligned(run, x, timestep, model_options, [], seed)
-            return mix_equal_variance(d_ref, d_al, lam)
+            return mix(d_ref, d_al, lam)
         return self._mix_with_sampler_post_cfg(run, x, timestep, model_options, sampler_post_cfg, lam, seed)
 
     def _aligned_options(self, run, model_options, post_cfg):
@@ -112,9 +127,9 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         d_ref = super().predict_noise(x, timestep, ref_options, seed)
         d_al = self._denoise_aligned(run, x, timestep, model_options, [capture], seed)
         (c_ref, u_ref), (c_al, u_al) = captured
-        denoised = mix_equal_variance(d_ref, d_al, lam)
-        cond = mix_equal_variance(c_ref, c_al, lam)
-        uncond = mix_equal_variance(u_ref, u_al, lam)
+        denoised = mix(d_ref, d_al, lam)
+        cond = mix(c_ref, c_al, lam)
+        uncond = mix(u_ref, u_al, lam)
         for fn in sampler_post_cfg:
             denoised = fn({"denoised": denoised, "cond": self.conds.get("positive"),
                            "uncond": self.conds.get("negative"), "cond_scale": self.cfg,

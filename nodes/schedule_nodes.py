@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import os
+import uuid
+
+import folder_paths
+
+from ..sampler.plots import schedule_preview
+from ..sampler.schedules import SHAPES, LambdaSchedule, parse_values
+from .common import CATEGORY, PAIR_TYPE, SCHEDULE_TYPE, NodeInputError
+
+LAM = {"min": 0.0, "max": 10.0, "step": 0.05, "round": 0.001}
+
+
+class DeRaDiffLambdaSchedule:
+    NODE = "DeRaDiff λ Schedule"
+    DESCRIPTION = ("λ along the denoising trajectory, for DeRaDiff KSampler / Guider / Realign Model "
+                   "(replaces their constant λ). Evaluated from the sigma each model call is made at, "
+                   "so multi-call samplers and img2img follow the same curve. Steps where λ is exactly "
+                   "0 or 1 run only the model they need.")
+    RETURN_TYPES = (SCHEDULE_TYPE,)
+    RETURN_NAMES = ("lambda_schedule",)
+    OUTPUT_TOOLTIPS = ("Connect to the lambda_schedule input of a DeRaDiff sampler node.",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "shape": (list(SHAPES), {"default": "linear", "tooltip":
+                    "constant: λ from. linear / cosine / ease_in / ease_out: from → to inside the "
+                    "window (from before it, to after it). interval: λ from inside the window, λ outside "
+                    "elsewhere. custom: one value per step from custom_values or custom_floats."}),
+                "lambda_from": ("FLOAT", dict(LAM, default=1.0, tooltip="λ at the start of the ramp, the constant λ, or λ inside the interval.")),
+                "lambda_to": ("FLOAT", dict(LAM, default=0.0, tooltip="λ at the end of the ramp.")),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                            "tooltip": "Start of the window, as a fraction of the denoising (0 = first step)."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                          "tooltip": "End of the window, as a fraction of the denoising (1 = last step)."}),
+                "lambda_outside": ("FLOAT", dict(LAM, default=0.0, tooltip="interval only: λ outside the window.")),
+                "custom_values": ("STRING", {"default": "1, 1, 1, 0.5, 0", "multiline": False,
+                                             "tooltip": "custom only: one λ per step, separated by commas. "
+                                                        "A list of another length is stretched over the steps."}),
+                "preview_steps": ("INT", {"default": 20, "min": 1, "max": 1000,
+                                          "tooltip": "Steps to mark on the preview (the sampler's steps)."}),
+            },
+            "optional": {
+                "custom_floats": ("FLOATS", {"tooltip": "custom only: per-step λ values from another node; overrides custom_values."}),
+                "pair": (PAIR_TYPE, {"tooltip": "Optional: the pair, to show the emulated β/λ when its β is known."}),
+            },
+        }
+
+    def build(self, shape, lambda_from, lambda_to, start_percent, end_percent, lambda_outside, custom_values,
+              preview_steps, custom_floats=None, pair=None):
+        values = None
+        if shape == "custom":
+            if custom_floats is not None:
+                try:
+                    values = [float(v) for v in (custom_floats.tolist() if hasattr(custom_floats, "tolist") else custom_floats)]
+                except (TypeError, ValueError):
+                    raise NodeInputError(self.NODE, "custom_floats", "expected a list of numbers") from None
+                where = "custom_floats"
+            else:
+                try:
+                    values = parse_values(custom_values)
+                except ValueError as e:
+                    raise NodeInputError(self.NODE, "custom_values", f"{e}; write numbers separated by commas, e.g. '1, 1, 0.5, 0'") from None
+                where = "custom_values"
+            if not values:
+                raise NodeInputError(self.NODE, where, "a custom schedule needs at least one λ value")
+            bad = [v for v in values if not v >= 0 or v == float("inf")]
+            if bad:
+                raise NodeInputError(self.NODE, where, f"λ values must be finite and >= 0, got {bad[0]:g}")
+        if end_percent < start_percent:
+            raise NodeInputError(self.NODE, "end_percent", f"end_percent ({end_percent}) is before start_percent ({start_percent})")
+        schedule = LambdaSchedule(shape, lambda_from, lambda_to, start_percent, end_percent, lambda_outside, values)
+        if shape == "custom" and len(values) != preview_steps:
+            preview_steps = len(values)
+        image = schedule_preview(schedule.curve(), preview_steps, getattr(pair, "beta", None))
+        name = f"deradiff_schedule_{uuid.uuid4().hex[:10]}.png"
+        os.makedirs(folder_paths.get_temp_directory(), exist_ok=True)
+        image.save(os.path.join(folder_paths.get_temp_directory(), name))
+        return {"ui": {"images": [{"filename": name, "subfolder": "", "type": "temp"}],
+                       "deradiff": [schedule.describe()]},
+                "result": (schedule,)}

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..sampler.plots import labelled_grid
+from ..sampler.realign_model import realigned_model
+from ..sampler.schedules import parse_values
+from ..sampler.sweep import lambda_sweep
+from .common import (CATEGORY, LAMBDA_INPUT, PAIR_TYPE, SCHEDULE_INPUT, NodeInputError, check_pair,
+                     lambda_or_schedule, sampler_inputs)
+
+PAIR_INPUT = (PAIR_TYPE, {"tooltip": "The reference + aligned model pair."})
+
+
+def sweep_label(lam: float, beta) -> str:
+    if not beta:
+        return f"λ={lam:g}"
+    return f"λ={lam:g}  β/λ={'∞' if lam == 0 else f'{beta / lam:.4g}'}"
+
+
+class DeRaDiffLambdaSweep:
+    NODE = "DeRaDiff λ Sweep"
+    DESCRIPTION = ("The DeRaDiff evaluation protocol: several λ with one seed, in ONE batched sampling "
+                   "pass (every model call carries all λ). Each λ gives exactly what DeRaDiff KSampler "
+                   "gives for that λ and seed. Feed the images and labels to DeRaDiff Sweep Grid.")
+    RETURN_TYPES = ("LATENT", "STRING", "FLOAT")
+    RETURN_NAMES = ("latents", "labels", "lambdas")
+    OUTPUT_IS_LIST = (False, False, True)
+    OUTPUT_TOOLTIPS = ("All results as one batch, λ-major (all images of the first λ, then the next, ...).",
+                       "One label per image (λ and, when β is known, β/λ), one per line, for the grid.",
+                       "The λ values, in order.")
+    FUNCTION = "sweep"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pair": PAIR_INPUT,
+                "lambdas": ("STRING", {"default": "0, 0.5, 1, 1.5, 2", "tooltip":
+                                       "λ values to compare, separated by commas. 0 = reference, 1 = aligned."}),
+                **sampler_inputs(),
+            }
+        }
+
+    def sweep(self, pair, lambdas, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+              denoise=1.0):
+        check_pair(self.NODE, pair)
+        try:
+            values = parse_values(lambdas)
+        except ValueError as e:
+            raise NodeInputError(self.NODE, "lambdas", f"{e}; write λ values separated by commas, e.g. '0, 0.5, 1, 2'") from None
+        if not values:
+            raise NodeInputError(self.NODE, "lambdas", "give at least one λ value")
+        bad = [v for v in values if not (v >= 0 and math.isfinite(v))]
+        if bad:
+            raise NodeInputError(self.NODE, "lambdas", f"λ must be a finite number >= 0, got {bad[0]:g}")
+        out = lambda_sweep(pair, values, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                           latent_image, denoise)
+        per_lambda = latent_image["samples"].shape[0]
+        labels = [sweep_label(v, pair.beta) for v in values for _ in range(per_lambda)]
+        return (out, "\n".join(labels), values)
+
+
+class DeRaDiffSweepGrid:
+    NODE = "DeRaDiff Sweep Grid"
+    DESCRIPTION = "Lays out decoded sweep images in a grid with a label (λ, β/λ) under each."
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("grid",)
+    FUNCTION = "grid"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The decoded sweep latents (VAE Decode of the sweep's latents)."}),
+                "labels": ("STRING", {"forceInput": True, "tooltip": "The sweep's labels output."}),
+                "columns": ("INT", {"default": 0, "min": 0, "max": 64,
+                                    "tooltip": "Images per row; 0 = automatic (about square)."}),
+            }
+        }
+
+    def grid(self, images, labels, columns):
+        lines = labels.split("\n") if labels else []
+        if len(lines) != images.shape[0]:
+            raise NodeInputError(self.NODE, "labels", f"{len(lines)} labels for {images.shape[0]} images; connect "
+                                 "the labels output of the same λ Sweep whose latents were decoded")
+        grid = labelled_grid(images.cpu().float().numpy(), lines, columns)
+        return (torch.from_numpy(grid),)
+
+
+class DeRaDiffRealignModel:
+    NODE = "DeRaDiff Realign Model"
+    DESCRIPTION = ("Returns a MODEL whose every evaluation is the DeRaDiff mix of the pair, for use in "
+                   "KSampler, KSamplerAdvanced, SamplerCustom, detailers and upscalers of other packs. "
+                   "The aligned model is attached so ComfyUI loads both together.")
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The realigned model.",)
+    FUNCTION = "realign"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"pair": PAIR_INPUT, "lambda": LAMBDA_INPUT},
+            "optional": {"lambda_schedule": SCHEDULE_INPUT},
+        }
+
+    def realign(self, pair, **kwargs):
+        check_pair(self.NODE, pair)
+        lam, _ = lambda_or_schedule(self.NODE, kwargs)
+        return (realigned_model(pair, lam),)
