@@ -109,6 +109,8 @@ class LambdaSchedule:
 
     # -- which models a run needs ----------------------------------------------
     def _all_values(self):
+        if self.shape == "constant":
+            return [self.lambda_from]
         if self.shape == "custom":
             return self.values
         if self.shape == "interval":

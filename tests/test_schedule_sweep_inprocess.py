@@ -1,0 +1,177 @@
+"""λ Schedule, λ Sweep and Realign Model inside a real ComfyUI process."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_helpers import assert_bit_identical, capture_denoised, count_unet_calls, empty_latent, encode, ksampler, \
+    load_checkpoint
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy, pack):
+    ref, clip, vae = load_checkpoint("sd15_reference.safetensors")
+    aligned = load_checkpoint("sd15_aligned.safetensors")[0]
+    pair = pack.nodes.DeRaDiffMakePair().make(ref, aligned, 5000.0)[0]
+    return dict(ref=ref, aligned=aligned, clip=clip, vae=vae, pair=pair, pos=encode(clip, "a red fox"),
+                neg=encode(clip, "blurry"), latent=empty_latent())
+
+
+def schedule(pack, shape="linear", lambda_from=1.0, lambda_to=0.0, start=0.0, end=1.0, outside=0.0,
+             custom="1, 1, 0.5, 0", floats=None, pair=None):
+    out = pack.nodes.DeRaDiffLambdaSchedule().build(shape, lambda_from, lambda_to, start, end, outside, custom,
+                                                    STEPS, custom_floats=floats, pair=pair)
+    return out["result"][0], out["ui"]
+
+
+def realign(pack, s, sampler="euler", lam=1.0, sched=None, latent=None, denoise=1.0, seed=3, pair=None, steps=STEPS):
+    kwargs = {"lambda": lam}
+    if sched is not None:
+        kwargs["lambda_schedule"] = sched
+    out = pack.nodes.DeRaDiffKSampler().sample(pair or s["pair"], seed, steps, 5.0, sampler, "normal", s["pos"],
+                                               s["neg"], latent or s["latent"], denoise, **kwargs)
+    return out["result"][0]["samples"]
+
+
+@pytest.mark.parametrize("sampler,denoise", [("euler", 1.0), ("heun", 1.0), ("dpmpp_2s_ancestral", 1.0),
+                                             ("dpmpp_sde", 1.0), ("euler", 0.6)])
+def test_schedule_is_evaluated_from_the_sigma_of_every_call(sd15, pack, monkeypatch, sampler, denoise):
+    from comfyui_deradiff.sampler import guider as guider_mod
+    from comfyui_deradiff.sampler.schedules import progress_at
+    sched, _ = schedule(pack, "cosine", 1.5, 0.0)
+    ref, seen_ref = capture_denoised(sd15["ref"])
+    aligned, seen_al = capture_denoised(sd15["aligned"])
+    pair = pack.nodes.DeRaDiffMakePair().make(ref, aligned)[0]
+    calls = []
+    original = guider_mod.DeRaDiffGuider.predict_noise
+
+    def recording(self, x, timestep, model_options={}, seed=None):
+        out = original(self, x, timestep, model_options, seed)
+        sigmas = model_options["transformer_options"]["sample_sigmas"]
+        calls.append((float(timestep[0]), sigmas, out.clone()))
+        return out
+
+    monkeypatch.setattr(guider_mod.DeRaDiffGuider, "predict_noise", recording)
+    realign(pack, sd15, sampler=sampler, sched=sched, latent=sd15["latent"], denoise=denoise, pair=pair)
+    # both models run at every call here (λ is never exactly 0 or 1 before the end)
+    full_len = len(calls)
+    assert full_len >= STEPS
+    lams = []
+    ref_i = al_i = 0
+    for sigma, sigmas, out in calls:
+        lam = sched.at_progress(progress_at(sigma, sigmas))
+        lams.append(lam)
+        if lam == 0.0:
+            torch.testing.assert_close(out, seen_ref[ref_i]); ref_i += 1
+            continue
+        expected = (1 - lam) * seen_ref[ref_i] + lam * seen_al[al_i]
+        ref_i += 1; al_i += 1
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4 * float(expected.abs().max()))
+    assert ref_i == len(seen_ref) and al_i == len(seen_al)
+    assert lams[0] == pytest.approx(1.5) and all(a >= b - 1e-6 for a, b in zip(lams, lams[1:]))
+
+
+def test_steps_at_exactly_0_or_1_run_one_model(sd15, pack):
+    sched, _ = schedule(pack, "custom", custom="0, 0, 1, 1")
+    with count_unet_calls(sd15["ref"], sd15["aligned"]) as calls:
+        out = realign(pack, sd15, sched=sched)
+    assert calls == [2, 2]  # euler: one call per step, each step only the model its λ needs
+    with count_unet_calls(sd15["ref"], sd15["aligned"]) as calls:
+        realign(pack, sd15, sched=schedule(pack, "custom", custom="0, 0, 0, 0")[0])
+    assert calls == [4, 0]
+    assert torch.isfinite(out).all()
+
+
+def test_floats_input_and_preview_image(sd15, pack, comfy):
+    import folder_paths
+    from PIL import Image
+    sched, ui = schedule(pack, "custom", floats=[1.0, 0.5, 0.25, 0.0], pair=sd15["pair"])
+    assert sched.values == [1.0, 0.5, 0.25, 0.0]
+    image = ui["images"][0]
+    path = f"{folder_paths.get_temp_directory()}/{image['filename']}"
+    img = Image.open(path).convert("RGB")
+    pixels = torch.tensor(list(img.getdata()))
+    curve_colour = torch.tensor([255, 170, 60])
+    assert img.size[0] > 100 and ((pixels - curve_colour).abs().sum(-1) < 30).sum() > 50  # the curve is drawn
+    with pytest.raises(pack.nodes.common.NodeInputError, match="input 'custom_values'"):
+        schedule(pack, "custom", custom="1, oops")
+    with pytest.raises(pack.nodes.common.NodeInputError, match="input 'end_percent'"):
+        schedule(pack, "linear", start=0.8, end=0.2)
+
+
+def sweep(pack, s, lambdas, sampler="euler", latent=None, denoise=1.0, seed=3, steps=STEPS):
+    return pack.nodes.DeRaDiffLambdaSweep().sweep(s["pair"], lambdas, seed, steps, 5.0, sampler, "normal",
+                                                  s["pos"], s["neg"], latent or s["latent"], denoise)
+
+
+def test_sweep_equals_separate_runs_for_every_sampler(comfy, sd15, pack):
+    import comfy.samplers
+    lambdas = [0.0, 0.5, 1.5]
+    mismatched = {}
+    for sampler in comfy.samplers.KSampler.SAMPLERS:
+        latents, labels, values = sweep(pack, sd15, ", ".join(map(str, lambdas)), sampler=sampler, steps=2)
+        got = latents["samples"]
+        assert got.shape[0] == len(lambdas) and values == lambdas
+        for i, lam in enumerate(lambdas):
+            want = realign(pack, sd15, sampler=sampler, lam=lam, steps=2)
+            err = float((got[i:i + 1] - want).abs().max() / want.abs().max())
+            if err > 1e-4:
+                mismatched[sampler] = err
+    assert mismatched == {}
+
+
+def test_sweep_batches_all_lambdas_into_each_call_and_handles_batches_and_masks(sd15, pack, comfy):
+    import nodes
+    with count_unet_calls(sd15["ref"], sd15["aligned"]) as calls:
+        latents, labels, _ = sweep(pack, sd15, "0, 1, 2", sampler="euler_ancestral")
+    assert calls == [STEPS, STEPS]  # one call per model per step, whatever the number of λ
+    assert labels.split("\n") == ["λ=0  β/λ=∞", "λ=1  β/λ=5000", "λ=2  β/λ=2500"]
+    batch = empty_latent(batch=2)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 32:] = 1
+    init = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))}
+    masked = nodes.SetLatentNoiseMask().set_mask(init, mask)[0]
+    for latent, denoise in [(batch, 1.0), (masked, 0.8)]:
+        out, labels, _ = sweep(pack, sd15, "0.5, 1.5", sampler="dpmpp_2m_sde", latent=latent, denoise=denoise)
+        assert out["samples"].shape[0] == 4 and len(labels.split("\n")) == 4
+        for i, lam in enumerate((0.5, 1.5)):
+            want = realign(pack, sd15, sampler="dpmpp_2m_sde", lam=lam, latent=latent, denoise=denoise)
+            torch.testing.assert_close(out["samples"][2 * i:2 * i + 2], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_sweep_grid_labels_every_image(pack, comfy):
+    images = torch.rand(4, 32, 48, 3)
+    grid = pack.nodes.DeRaDiffSweepGrid().grid(images, "λ=0\nλ=0.5\nλ=1\nλ=2", 2)[0]
+    assert grid.shape[0] == 1 and grid.shape[2] == 96 and grid.shape[1] > 64
+    # the label strips (below each tile) contain light text pixels
+    strip = grid[0, 32:grid.shape[1] // 2]
+    assert (strip > 0.8).any()
+    with pytest.raises(pack.nodes.common.NodeInputError, match="input 'labels'"):
+        pack.nodes.DeRaDiffSweepGrid().grid(images, "λ=0\nλ=1", 0)
+
+
+@pytest.mark.parametrize("lam,sampler", [(0.5, "euler"), (1.7, "dpmpp_2m"), (0.0, "euler"), (1.0, "heun")])
+def test_realigned_model_in_plain_ksampler_equals_deradiff_ksampler(sd15, pack, comfy, lam, sampler):
+    model = pack.nodes.DeRaDiffRealignModel().realign(sd15["pair"], **{"lambda": lam})[0]
+    got = ksampler(model, sd15["latent"], sd15["pos"], sd15["neg"], seed=3, steps=STEPS, sampler=sampler)
+    want = realign(pack, sd15, sampler=sampler, lam=lam)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    if lam in (0.0, 1.0):
+        assert_bit_identical(got, ksampler(sd15["ref"] if lam == 0 else sd15["aligned"], sd15["latent"], sd15["pos"],
+                                           sd15["neg"], seed=3, steps=STEPS, sampler=sampler))
+
+
+def test_realigned_model_loads_both_models_and_follows_a_schedule(sd15, pack, comfy, monkeypatch):
+    import comfy.model_management as mm
+    sched, _ = schedule(pack, "custom", custom="0, 0, 1, 1")
+    model = pack.nodes.DeRaDiffRealignModel().realign(sd15["pair"], **{"lambda": 0.5, "lambda_schedule": sched})[0]
+    loads = []
+    real = mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, *a, **k: (loads.append(list(models)), real(models, *a, **k))[1])
+    with count_unet_calls(sd15["ref"], sd15["aligned"]) as calls:
+        got = ksampler(model, sd15["latent"], sd15["pos"], sd15["neg"], seed=3, steps=STEPS)
+    assert calls == [2, 2]
+    assert any({id(sd15["ref"].model), id(sd15["aligned"].model)} <= {id(m.model) for m in c} for c in loads)
+    torch.testing.assert_close(got, realign(pack, sd15, sched=sched), rtol=1e-4, atol=1e-3)
