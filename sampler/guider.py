@@ -7,6 +7,8 @@ reduction of the geometric posterior mixture. The pair shares one noise schedule
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import comfy.model_patcher
@@ -33,13 +35,23 @@ def is_exactly(lam, value: float) -> bool:
 
 
 class _AlignedRun:
-    """Per-sampling state of the aligned model: its BaseModel, conds and options."""
+    """Per-sampling state of the aligned model: its BaseModel, conds and options, and the
+    context that turns the reference's weights into the aligned ones (shared path)."""
 
-    def __init__(self, patcher, model, conds, model_options):
-        self.patcher = patcher
-        self.model = model
-        self.conds = conds
+    def __init__(self, model, conds, model_options, weights=None):
+        self.model = model  # None: the reference's BaseModel (shared weights)
+        self.conds = conds  # None: the reference's processed conds
         self.model_options = model_options
+        self.weights = weights or contextlib.nullcontext()
+
+
+def aligned_model_options(model_options, sample_sigmas, device=None, dtype=None):
+    """The aligned model's own options for one sampling run."""
+    options = comfy.model_patcher.create_model_options_clone(model_options)
+    options.setdefault("transformer_options", {})["sample_sigmas"] = sample_sigmas
+    if device is not None:
+        comfy.samplers.cast_to_load_options(options, device=device, dtype=dtype)
+    return options
 
 
 class DeRaDiffGuider(comfy.samplers.CFGGuider):
@@ -47,7 +59,8 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         self.pair = pair
         self.schedule = as_schedule(lam)
         reference = pair.reference.clone()
-        self.aligned_patcher = pair.aligned_for_sampling() if self.schedule.uses_aligned else None
+        self.aligned_side = pair.aligned_side() if self.schedule.uses_aligned else None
+        self.aligned_patcher = self.aligned_side.patcher if self.aligned_side else None
         if self.aligned_patcher is not None:
             # attached so that prepare_sampling loads both models in one go
             reference.set_additional_models(ALIGNED_KEY, [self.aligned_patcher])
@@ -58,9 +71,18 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
     # -- sampling set-up -------------------------------------------------------
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
                      disable_pbar, seed, *args, **kwargs):
-        if self.aligned_patcher is None:
+        if self.aligned_side is None:
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
                                         callback, disable_pbar, seed, *args, **kwargs)
+        if self.aligned_patcher is None:  # shared weights: same BaseModel and conds as the reference
+            shared = self.aligned_side.shared
+            self._aligned_run = _AlignedRun(None, None, aligned_model_options(
+                shared.aligned_model_options, sigmas, device, self.model_patcher.model_dtype()), shared)
+            try:
+                return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
+                                            callback, disable_pbar, seed, *args, **kwargs)
+            finally:
+                self._aligned_run = None
         aligned = self.aligned_patcher
         aligned.pre_run()
         try:
@@ -79,10 +101,8 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         conds = {k: [c.copy() for c in v] for k, v in self.conds.items()}
         conds = comfy.samplers.process_conds(model, noise, conds, device, latent_image, denoise_mask,
                                              seed, **kwargs)
-        options = comfy.model_patcher.create_model_options_clone(aligned.model_options)
-        options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
-        comfy.samplers.cast_to_load_options(options, device=device, dtype=aligned.model_dtype())
-        return _AlignedRun(aligned, model, conds, options)
+        options = aligned_model_options(aligned.model_options, sigmas, device, aligned.model_dtype())
+        return _AlignedRun(model, conds, options)
 
     # -- one model evaluation --------------------------------------------------
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -109,9 +129,12 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         return options
 
     def _denoise_aligned(self, run, x, timestep, model_options, post_cfg, seed):
-        return comfy.samplers.sampling_function(
-            run.model, x, timestep, run.conds.get("negative", None), run.conds.get("positive", None),
-            self.cfg, model_options=self._aligned_options(run, model_options, post_cfg), seed=seed)
+        model = run.model or self.inner_model
+        conds = run.conds or self.conds
+        with run.weights:
+            return comfy.samplers.sampling_function(
+                model, x, timestep, conds.get("negative", None), conds.get("positive", None),
+                self.cfg, model_options=self._aligned_options(run, model_options, post_cfg), seed=seed)
 
     def _mix_with_sampler_post_cfg(self, run, x, timestep, model_options, sampler_post_cfg, lam, seed):
         # CFG++-style samplers read cond/uncond predictions through a post-CFG hook;

@@ -28,23 +28,40 @@ class AlignedPair:
     beta: float | None = None
     reference_name: str = "reference"
     aligned_name: str = "aligned"
-    # A private full copy of the aligned model, made only when both sides are
-    # clones of one base model (they cannot hold their weights at the same time).
-    _separate_aligned: object = field(default=None, repr=False)
+    _side: object = field(default=None, repr=False)
 
-    def aligned_for_sampling(self):
-        """The aligned ModelPatcher to run next to the reference."""
-        if not self.reference.is_clone(self.aligned):
-            return self.aligned
-        if self._separate_aligned is None:
-            self._separate_aligned = separate_copy(self.aligned)
-            size_mb = self._separate_aligned.model_size() / 2**20
-            log.warning(
-                "DeRaDiff: '%s' and '%s' share one base model with different patches "
-                "(for example a LoRA); loading a second full copy of the diffusion model "
-                "(%.0f MB) so both can run in the same step.",
-                self.reference_name, self.aligned_name, size_mb)
-        return self._separate_aligned
+    def aligned_side(self) -> "AlignedSide":
+        """How the aligned model runs next to the reference (decided once per pair)."""
+        if self._side is None:
+            self._side = _plan_aligned_side(self)
+        return self._side
+
+
+@dataclass
+class AlignedSide:
+    """Exactly one of: a separate ModelPatcher loaded next to the reference, or an update
+    applied on the fly to the reference's own weights (shared)."""
+    patcher: object = None
+    shared: object = None  # sampler.shared_weights.SharedWeightDelta
+
+
+def _plan_aligned_side(pair) -> AlignedSide:
+    from .shared_weights import SharedWeightDelta, SharedWeightsUnavailable
+    if not pair.reference.is_clone(pair.aligned):
+        return AlignedSide(patcher=pair.aligned)
+    try:
+        shared = SharedWeightDelta(pair.reference, pair.aligned)
+    except SharedWeightsUnavailable as why:
+        copy_ = separate_copy(pair.aligned)
+        log.warning(
+            "DeRaDiff: '%s' and '%s' share one base model but the aligned side cannot reuse the "
+            "reference's weights (%s); loading a second full copy of the diffusion model (%.0f MB).",
+            pair.reference_name, pair.aligned_name, why, copy_.model_size() / 2**20)
+        return AlignedSide(patcher=copy_)
+    log.info("DeRaDiff: '%s' is '%s' plus %d patched layers (%.1f MB); both passes share the "
+             "reference's weights and the update is applied on the fly.", pair.aligned_name,
+             pair.reference_name, len(shared.patches), shared.patch_bytes() / 2**20)
+    return AlignedSide(shared=shared)
 
 
 def describe(patcher) -> str:

@@ -7,25 +7,26 @@ linear, so mixing before CFG equals giving each model its own CFG and mixing aft
 """
 from __future__ import annotations
 
-import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.samplers
 
-from .guider import ALIGNED_KEY, is_exactly, mix
+import contextlib
+
+from .guider import ALIGNED_KEY, aligned_model_options, is_exactly, mix
 from .schedules import as_schedule
 
 
 class RealignedCalcCondBatch:
-    def __init__(self, aligned, schedule):
-        self.aligned = aligned
+    def __init__(self, side, schedule):
+        self.side = side
         self.schedule = schedule
         self._options_for = (None, None)  # (sample_sigmas, aligned model options) of this run
 
     def _aligned_options(self, sample_sigmas):
         if self._options_for[0] is not sample_sigmas:
-            options = comfy.model_patcher.create_model_options_clone(self.aligned.model_options)
-            options.setdefault("transformer_options", {})["sample_sigmas"] = sample_sigmas
-            self._options_for = (sample_sigmas, options)
+            own = (self.side.patcher.model_options if self.side.patcher is not None
+                   else self.side.shared.aligned_model_options)
+            self._options_for = (sample_sigmas, aligned_model_options(own, sample_sigmas))
         return self._options_for[1]
 
     def __call__(self, args):
@@ -35,7 +36,12 @@ class RealignedCalcCondBatch:
         if is_exactly(lam, 0.0):
             return comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
         aligned_options = self._aligned_options(sample_sigmas)
-        d_al = comfy.samplers.calc_cond_batch(self.aligned.model, conds, x, sigma, aligned_options)
+        if self.side.patcher is not None:
+            aligned_model, weights = self.side.patcher.model, contextlib.nullcontext()
+        else:  # shared weights: the reference's BaseModel with the update applied on the fly
+            aligned_model, weights = model, self.side.shared
+        with weights:
+            d_al = comfy.samplers.calc_cond_batch(aligned_model, conds, x, sigma, aligned_options)
         if is_exactly(lam, 1.0):
             return d_al
         d_ref = comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
@@ -47,12 +53,14 @@ def realigned_model(pair, lam):
     model = pair.reference.clone()
     if not schedule.uses_aligned:
         return model
-    aligned = pair.aligned_for_sampling()
-    model.set_additional_models(ALIGNED_KEY, [aligned])
-    # calc_cond_batch reads the aligned model's current_patcher, set by its pre_run()
-    model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, ALIGNED_KEY,
-                                lambda patcher: aligned.pre_run())
-    model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ALIGNED_KEY,
-                                lambda patcher: aligned.cleanup())
-    model.set_model_sampler_calc_cond_batch_function(RealignedCalcCondBatch(aligned, schedule))
+    side = pair.aligned_side()
+    aligned = side.patcher
+    if aligned is not None:
+        model.set_additional_models(ALIGNED_KEY, [aligned])
+        # calc_cond_batch reads the aligned model's current_patcher, set by its pre_run()
+        model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, ALIGNED_KEY,
+                                    lambda patcher: aligned.pre_run())
+        model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ALIGNED_KEY,
+                                    lambda patcher: aligned.cleanup())
+    model.set_model_sampler_calc_cond_batch_function(RealignedCalcCondBatch(side, schedule))
     return model

@@ -49,6 +49,18 @@ class PromptFailed(AssertionError):
         self.response = response
 
 
+def _die_with_parent():
+    """preexec_fn: the server gets SIGTERM if the test process dies without its teardown
+    (killed by a timeout, for example). Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -104,6 +116,7 @@ class ComfyServer:
                     or entry and entry.get("status", {}).get("completed"):
                 return entry
             if time.monotonic() > deadline:
+                self.cancel(prompt_id)  # do not leave it running under the next tests' prompts
                 raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
             time.sleep(0.1)
 
@@ -114,8 +127,18 @@ class ComfyServer:
             raise PromptFailed(f"prompt failed: {error_message(entry)}", entry=entry)
         return entry
 
-    def interrupt(self):
-        self.http.post(self.base + "/interrupt", timeout=30).raise_for_status()
+    def interrupt(self, prompt_id: str | None = None):
+        """POST /interrupt: the given prompt if it is the one running, else whatever runs."""
+        body = {"prompt_id": prompt_id} if prompt_id else {}
+        self.http.post(self.base + "/interrupt", json=body, timeout=30).raise_for_status()
+
+    def cancel(self, prompt_id: str):
+        """Drops a prompt from the queue, or interrupts it if it is running."""
+        try:
+            self.http.post(self.base + "/queue", json={"delete": [prompt_id]}, timeout=30)
+            self.interrupt(prompt_id)
+        except requests.RequestException:
+            pass
 
     def images(self, entry: dict, node_id: str | None = None) -> list[Path]:
         """Paths of the images a history entry's output nodes saved (type 'output')."""
@@ -134,13 +157,14 @@ class ComfyServer:
                                f"log tail:\n{self.log_text()[-4000:]}")
 
     # -- websocket ------------------------------------------------------------
-    def ws_run(self, graph: dict, on_message=None, timeout: float = 180.0) -> list:
+    def ws_run(self, graph: dict, on_message=None, timeout: float = 180.0) -> tuple[str, list]:
         """Runs a graph while listening on /ws with a fresh client id.
 
-        Returns (prompt_id, messages): every message received from the connection until the prompt ended:
-        JSON messages as dicts ({"type", "data"}), binary frames as bytes.
-        ``on_message(msg, client)`` is called for each message as it arrives
-        (e.g. to POST /interrupt after the first progress message).
+        Returns (prompt_id, messages): every message the socket received until the prompt
+        ended, JSON messages as dicts ({"type", "data"}) and binary frames as bytes.
+        ``on_message(msg, server)`` is called for each message as it arrives (for example
+        to POST /interrupt after the first progress message). If listening fails or times
+        out, the prompt is cancelled so that it does not hold up the next tests.
         """
         return asyncio.run(self._ws_run(graph, on_message, timeout))
 
@@ -148,33 +172,40 @@ class ComfyServer:
         import aiohttp
         client_id = uuid.uuid4().hex
         ws_url = self.base.replace("http://", "ws://") + f"/ws?clientId={client_id}"
-        messages = []
+        loop = asyncio.get_running_loop()
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(ws_url, max_msg_size=0) as ws:
                 # the server greets every new socket with a status message
                 first = await ws.receive(timeout=30)
-                messages.append(json.loads(first.data) if first.type == aiohttp.WSMsgType.TEXT else first.data)
-                loop = asyncio.get_running_loop()
+                messages = [json.loads(first.data) if first.type == aiohttp.WSMsgType.TEXT else first.data]
                 prompt_id = await loop.run_in_executor(None, self.post_prompt, graph, client_id)
-                deadline = loop.time() + timeout
-                while True:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        raise TimeoutError(f"no end of prompt {prompt_id} within {timeout} s")
-                    msg = await ws.receive(timeout=remaining)
-                    if msg.type == aiohttp.WSMsgType.TEXT:
-                        item = json.loads(msg.data)
-                    elif msg.type == aiohttp.WSMsgType.BINARY:
-                        item = bytes(msg.data)
-                    else:
-                        raise RuntimeError(f"websocket closed: {msg.type} {msg.data!r}")
-                    messages.append(item)
-                    if on_message is not None:
-                        result = on_message(item, self)
-                        if asyncio.iscoroutine(result):
-                            await result
-                    if isinstance(item, dict) and _ends_prompt(item, prompt_id):
-                        return prompt_id, messages
+                try:
+                    await asyncio.wait_for(self._ws_listen(ws, prompt_id, messages, on_message), timeout)
+                except BaseException as e:
+                    await loop.run_in_executor(None, self.cancel, prompt_id)
+                    if isinstance(e, asyncio.TimeoutError):
+                        raise TimeoutError(f"prompt {prompt_id} did not end within {timeout} s; messages: "
+                                           f"{[m['type'] for m in messages if isinstance(m, dict)][-20:]}") from None
+                    raise
+                return prompt_id, messages
+
+    async def _ws_listen(self, ws, prompt_id, messages, on_message):
+        import aiohttp
+        while True:
+            msg = await ws.receive()
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                item = json.loads(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                item = bytes(msg.data)
+            else:
+                raise RuntimeError(f"websocket closed: {msg.type} {msg.data!r}")
+            messages.append(item)
+            if on_message is not None:
+                result = on_message(item, self)
+                if asyncio.iscoroutine(result):
+                    await result
+            if isinstance(item, dict) and _ends_prompt(item, prompt_id):
+                return
 
 
 def _ends_prompt(msg: dict, prompt_id: str) -> bool:
@@ -238,7 +269,7 @@ def comfy_server(comfy_root):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, cwd=str(comfy_root), stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     server = ComfyServer(f"http://127.0.0.1:{port}", root, log_path, proc)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT

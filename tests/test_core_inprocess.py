@@ -143,6 +143,8 @@ def test_gaussian_pair_gives_exactly_the_gaussian_aligned_at_beta_over_lambda(co
 
 
 def test_lora_clone_pair_matches_a_separately_merged_copy(comfy, sd15, pack, caplog):
+    """Reference + LoraLoader output: both wrap one base model. The pack shares the reference's
+    weights (update applied on the fly) and must equal the LoRA merged into a separate copy."""
     import comfy.sd
     import folder_paths
     import nodes
@@ -153,15 +155,34 @@ def test_lora_clone_pair_matches_a_separately_merged_copy(comfy, sd15, pack, cap
         folder_paths.get_full_path("checkpoints", "sd15_reference.safetensors"), output_vae=False, output_clip=False)[0]
     lora_separate = nodes.LoraLoader().load_lora(independent, clip, "sd15_aligned_lora.safetensors", 1.0, 0.0)[0]
     before = ksampler(ref, sd15["latent"], sd15["pos"], sd15["neg"])
-    with caplog.at_level(logging.WARNING):
-        got = {lam: realign(pack, make_pair(pack, ref, lora_clone), lam, sd15) for lam in (0.5, 1.0)}
-    assert "second full copy" in caplog.text
+    with caplog.at_level(logging.INFO):
+        got = {lam: realign(pack, make_pair(pack, ref, lora_clone), lam, sd15) for lam in (0.0, 0.5, 1.0, 1.5)}
+    assert "share the reference's weights" in caplog.text and "second full copy" not in caplog.text
     for lam, out in got.items():
         want = realign(pack, make_pair(pack, ref, lora_separate), lam, sd15)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     assert not torch.allclose(got[1.0], before)
     # the reference itself is untouched afterwards
     assert_bit_identical(ksampler(ref, sd15["latent"], sd15["pos"], sd15["neg"]), before)
+
+
+def test_clones_that_cannot_share_weights_fall_back_to_a_logged_copy(comfy, sd15, pack, caplog):
+    """Reference = base + LoRA A, aligned = base + LoRA B (not reference + something): no shared
+    path exists, so the pack loads a merged copy, says so, and stays correct."""
+    import comfy.sd
+    import folder_paths
+    import nodes
+    ref, clip = sd15["ref"], sd15["clip"]
+    styled = nodes.LoraLoader().load_lora(ref, clip, "sd15_aligned_lora.safetensors", 0.5, 0.0)[0]
+    other = nodes.LoraLoader().load_lora(ref, clip, "sd15_aligned_lora.safetensors", -0.7, 0.0)[0]
+    with caplog.at_level(logging.WARNING):
+        got = realign(pack, make_pair(pack, styled, other), 0.5, sd15)
+    assert "second full copy" in caplog.text and "lacks" in caplog.text
+    independent = comfy.sd.load_checkpoint_guess_config(
+        folder_paths.get_full_path("checkpoints", "sd15_reference.safetensors"), output_vae=False, output_clip=False)[0]
+    other_separate = nodes.LoraLoader().load_lora(independent, clip, "sd15_aligned_lora.safetensors", -0.7, 0.0)[0]
+    want = realign(pack, make_pair(pack, styled, other_separate), 0.5, sd15)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 def test_batch_img2img_and_noise_mask(comfy, sd15, pack):

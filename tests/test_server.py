@@ -294,16 +294,18 @@ def test_progress_and_previews_over_websocket(comfy_server):
 
 
 def test_cancel_over_websocket(comfy_server):
-    steps = 200
+    # long enough that it cannot end before the interrupt lands (a few ms after the first
+    # progress message); if no progress ever comes, ws_run cancels it at its timeout
+    steps = 60
     g, sampler, saver = sd15_graph(steps, 256, seed=7002, prefix="h_cancelled")
     interrupted = []
 
     def interrupt_on_first_progress(msg, server):
         if isinstance(msg, dict) and msg["type"] == "progress" and not interrupted:
             interrupted.append(msg["data"]["value"])
-            server.interrupt()
+            server.interrupt(msg["data"]["prompt_id"])
 
-    prompt_id, messages = comfy_server.ws_run(g, on_message=interrupt_on_first_progress)
+    prompt_id, messages = comfy_server.ws_run(g, on_message=interrupt_on_first_progress, timeout=120)
     assert interrupted, "no progress message arrived before the end of the prompt"
     stopped = json_messages(messages, "execution_interrupted", prompt_id)
     assert stopped, f"no execution_interrupted; got {[m['type'] for m in messages if isinstance(m, dict)]}"
