@@ -8,6 +8,7 @@ tiles it, so each λ sees exactly the noise a separate DeRaDiff KSampler run wou
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 
@@ -21,6 +22,8 @@ from comfy.k_diffusion import sampling as k_sampling
 from .guider import DeRaDiffGuider
 from .mixing import check_lambda
 from .sampling import ksampler_sigmas
+
+log = logging.getLogger("DeRaDiff")
 
 # k-diffusion samplers whose default noise is a Brownian tree (and where it lives)
 _BROWNIAN_CPU = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
@@ -77,9 +80,26 @@ def _tile(t, copies):
     return t.repeat((copies,) + (1,) * (t.ndim - 1))
 
 
+# Adaptive step-size control looks at the error of the whole batch, so batching λ together
+# would change every λ's steps: these run one λ after another instead.
+SEQUENTIAL_SAMPLERS = {"dpm_adaptive"}
+
+
 def lambda_sweep(pair, lambdas, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                  denoise=1.0):
     """Returns a LATENT holding len(lambdas) x batch samples, λ-major."""
+    if sampler_name in SEQUENTIAL_SAMPLERS:
+        from .sampling import realigned_ksampler
+        log.info("DeRaDiff λ Sweep: %s adapts its steps to the whole batch; running the %d λ one "
+                 "after another so each equals its own DeRaDiff KSampler run.", sampler_name, len(lambdas))
+        runs = [realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                   latent, denoise) for lam in lambdas]
+        out = dict(runs[0])
+        out["samples"] = torch.cat([r["samples"] for r in runs])
+        out.pop("batch_index", None)
+        if "noise_mask" in out and out["noise_mask"].shape[0] == latent["samples"].shape[0] > 1:
+            out["noise_mask"] = _tile(out["noise_mask"], len(lambdas))
+        return out
     reference = pair.reference
     latent_image = comfy.sample.fix_empty_latent_channels(reference, latent["samples"])
     group, copies = latent_image.shape[0], len(lambdas)

@@ -159,8 +159,9 @@ def test_pack_loads_and_nodes_are_listed(comfy_server):
     # "Import times for custom nodes:" lists every custom node module it loaded
     import_times = log.split("Import times for custom nodes:", 1)
     assert len(import_times) == 2, "no custom-node import summary in the server log"
-    loaded = [line for line in import_times[1].splitlines()
-              if line.strip().endswith("custom_nodes/" + PACK_DIR_NAME)]
+    # found through the custom_nodes: key of the extra-model-paths file, not ComfyUI's own folder
+    pack_path = str(comfy_server.root / "custom_nodes" / PACK_DIR_NAME)
+    loaded = [line for line in import_times[1].splitlines() if line.strip().endswith(pack_path)]
     assert loaded and "IMPORT FAILED" not in loaded[0], f"the pack is not among the loaded custom nodes:\n{import_times[1][:2000]}"
 
     info = comfy_server.object_info()
