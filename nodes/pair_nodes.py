@@ -1,11 +1,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 
+import torch
+
+import comfy.lora
+import comfy.lora_convert
 import comfy.sd
+import comfy.utils
 import folder_paths
 
-from ..sampler.pair import PairError, make_pair
+from ..sampler.pair import PairError, describe, make_pair
 from .common import BETA_INPUT, CATEGORY, PAIR_TYPE, NodeInputError
 
 log = logging.getLogger("DeRaDiff")
@@ -13,11 +20,41 @@ log = logging.getLogger("DeRaDiff")
 # Prefixes of the aligned_model choices: which ComfyUI folder the file comes from.
 CHECKPOINT_PREFIX = "checkpoints/"
 DIFFUSION_MODEL_PREFIX = "diffusion_models/"
+LORA_PREFIX = "loras/"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+
+
+def diffusers_folders():
+    """Folders under models/diffusion_models (or models/unet) that hold a diffusers UNet,
+    possibly sharded (diffusion_pytorch_model-00001-of-00002.safetensors), listed with a trailing '/'."""
+    found = set()
+    for name in folder_paths.get_filename_list("diffusion_models"):
+        folder, base = os.path.split(name)
+        if folder and base.startswith(DIFFUSERS_WEIGHTS) and base.endswith(".safetensors"):
+            found.add(folder.replace(os.sep, "/") + "/")
+    return sorted(found)
+
+
+_LORA_SUFFIX = re.compile(r"\.(lora_up|lora_down|lora_A|lora_B|lora_mid|lora\.up|lora\.down|alpha|dora_scale|"
+                          r"hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2|diff|diff_b|set_weight|"
+                          r"on_input|w_norm|b_norm)(\.weight|\.bias)?$")
+
+
+def lora_unet_layers(lora: dict) -> set:
+    """Distinct layer names a LoRA file patches, text-encoder layers left out."""
+    layers = set()
+    for key in lora:
+        if key.startswith(("lora_te", "text_encoder", "te_", "lora_te1", "lora_te2")):
+            continue
+        layers.add(_LORA_SUFFIX.sub("", key))
+    return layers
 
 
 def aligned_model_choices():
     return ([CHECKPOINT_PREFIX + f for f in folder_paths.get_filename_list("checkpoints")]
-            + [DIFFUSION_MODEL_PREFIX + f for f in folder_paths.get_filename_list("diffusion_models")])
+            + [DIFFUSION_MODEL_PREFIX + f for f in folder_paths.get_filename_list("diffusion_models")]
+            + [DIFFUSION_MODEL_PREFIX + f for f in diffusers_folders()]
+            + [LORA_PREFIX + f for f in folder_paths.get_filename_list("loras")])
 
 
 def _full_path(node, input_name, folder, name):
@@ -49,14 +86,22 @@ class DeRaDiffLoadAlignedPair:
                     "tooltip": "The reference (base) checkpoint, from models/checkpoints. Its CLIP "
                                "and VAE are used for both models."}),
                 "aligned_model": (aligned_model_choices(), {
-                    "tooltip": "The aligned model: a full checkpoint (checkpoints/...) or a "
-                               "diffusion-model-only file from models/diffusion_models or "
-                               "models/unet (diffusion_models/...), e.g. Diffusion-DPO's UNet."}),
+                    "tooltip": "The aligned model: a full checkpoint (checkpoints/...), a "
+                               "diffusion-model-only file or diffusers UNet folder from "
+                               "models/diffusion_models or models/unet (diffusion_models/...), e.g. "
+                               "Diffusion-DPO's UNet, or a LoRA / weight difference on the reference "
+                               "(loras/...), e.g. an SPO or DPO LoRA. LoRAs share the reference's "
+                               "weights: no second copy of the model in memory."}),
             },
-            "optional": {"beta": BETA_INPUT},
+            "optional": {
+                "beta": BETA_INPUT,
+                "lora_strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                            "tooltip": "Only for a LoRA aligned_model: its strength on the "
+                                                       "reference (1 = as trained)."}),
+            },
         }
 
-    def load(self, reference_ckpt_name, aligned_model, beta=0.0):
+    def load(self, reference_ckpt_name, aligned_model, beta=0.0, lora_strength=1.0):
         ref_path = _full_path(self.NODE, "reference_ckpt_name", "checkpoints", reference_ckpt_name)
         try:
             reference, clip, vae = comfy.sd.load_checkpoint_guess_config(
@@ -64,33 +109,112 @@ class DeRaDiffLoadAlignedPair:
                 embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
         except Exception as e:
             raise NodeInputError(self.NODE, "reference_ckpt_name", f"could not load '{reference_ckpt_name}': {e}") from e
-        aligned = self._load_aligned(aligned_model, reference)
+        aligned = self._load_aligned(aligned_model, reference, lora_strength)
         try:
             pair = make_pair(reference, aligned, beta, reference_ckpt_name, aligned_model)
         except PairError as e:
             raise NodeInputError(self.NODE, "aligned_model", str(e)) from None
         return (pair, clip, vae)
 
-    def _load_aligned(self, aligned_model, reference):
+    def _load_aligned(self, aligned_model, reference, lora_strength=1.0):
+        dtype = {"dtype": reference.model_dtype()}  # fp32 releases load at the reference's dtype
         if aligned_model.startswith(CHECKPOINT_PREFIX):
             name = aligned_model[len(CHECKPOINT_PREFIX):]
             path = _full_path(self.NODE, "aligned_model", "checkpoints", name)
-            load = lambda: comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
+            load = lambda: comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False,
+                                                                  model_options=dtype)[0]
+        elif aligned_model.startswith(DIFFUSION_MODEL_PREFIX) and aligned_model.endswith("/"):
+            name = aligned_model[len(DIFFUSION_MODEL_PREFIX):]
+            load = lambda: self._load_diffusers_folder(name, dtype)
         elif aligned_model.startswith(DIFFUSION_MODEL_PREFIX):
             name = aligned_model[len(DIFFUSION_MODEL_PREFIX):]
             path = _full_path(self.NODE, "aligned_model", "diffusion_models", name)
-            # fp32 releases (Diffusion-DPO) are loaded at the reference's dtype
-            load = lambda: comfy.sd.load_diffusion_model(path, model_options={"dtype": reference.model_dtype()})
+            load = lambda: comfy.sd.load_diffusion_model(path, model_options=dtype)
+        elif aligned_model.startswith(LORA_PREFIX):
+            name = aligned_model[len(LORA_PREFIX):]
+            path = _full_path(self.NODE, "aligned_model", "loras", name)
+            return self._apply_lora(reference, name, path, lora_strength)
         else:
             raise NodeInputError(self.NODE, "aligned_model",
-                                 f"'{aligned_model}' must start with '{CHECKPOINT_PREFIX}' or '{DIFFUSION_MODEL_PREFIX}'")
+                                 f"'{aligned_model}' must start with '{CHECKPOINT_PREFIX}', "
+                                 f"'{DIFFUSION_MODEL_PREFIX}' or '{LORA_PREFIX}'")
         try:
             model = load()
+        except NodeInputError:
+            raise
         except Exception as e:
             raise NodeInputError(self.NODE, "aligned_model", f"could not load '{name}': {e}") from e
         if model is None:
             raise NodeInputError(self.NODE, "aligned_model", f"'{name}' holds no diffusion model ComfyUI recognises")
         return model
+
+    def _load_diffusers_folder(self, folder, model_options):
+        shards = sorted(f for f in folder_paths.get_filename_list("diffusion_models")
+                        if f.replace(os.sep, "/").startswith(folder)
+                        and os.path.basename(f).startswith(DIFFUSERS_WEIGHTS) and f.endswith(".safetensors")
+                        and "/" not in f.replace(os.sep, "/")[len(folder):])
+        if not shards:
+            raise NodeInputError(self.NODE, "aligned_model", f"no {DIFFUSERS_WEIGHTS}*.safetensors in '{folder}'")
+        sd = {}
+        for shard in shards:
+            sd.update(comfy.utils.load_torch_file(folder_paths.get_full_path("diffusion_models", shard), safe_load=True))
+        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options)
+        if model is None:
+            raise NodeInputError(self.NODE, "aligned_model", f"'{folder}' holds no diffusers UNet ComfyUI recognises")
+        return model
+
+    def _apply_lora(self, reference, name, path, strength):
+        """Reference + LoRA, as LoraLoader builds it (so it takes the shared-weight path)."""
+        try:
+            lora = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(path, safe_load=True))
+        except Exception as e:
+            raise NodeInputError(self.NODE, "aligned_model", f"could not read LoRA '{name}': {e}") from e
+        key_map = comfy.lora.model_lora_keys_unet(reference.model, {})
+        loaded = comfy.lora.load_lora(lora, key_map, log_missing=False)
+        layers = lora_unet_layers(lora)
+        if loaded and len(loaded) < 0.5 * len(layers):
+            raise NodeInputError(
+                self.NODE, "aligned_model",
+                f"the LoRA '{name}' matches only {len(loaded)} of its {len(layers)} UNet layers to the "
+                f"reference ({describe(reference)}); it is for another model family or architecture "
+                "(an SDXL LoRA on SD1.5, or the reverse).")
+        if not loaded:
+            sample = ", ".join(sorted(lora)[:3])
+            raise NodeInputError(
+                self.NODE, "aligned_model",
+                f"the LoRA '{name}' matches none of the reference's layers ({describe(reference)}); its "
+                f"{len(lora)} keys look like: {sample}. Is it for another model family (an SDXL LoRA on "
+                "SD1.5, or the reverse), or a text-encoder-only LoRA?")
+        inert = self._inert_patches(reference, loaded)
+        if len(inert) == len(loaded):
+            raise NodeInputError(
+                self.NODE, "aligned_model",
+                f"the LoRA '{name}' names layers of the reference ({describe(reference)}) but none of its "
+                f"{len(loaded)} updates fits their shapes (e.g. {inert[0]}); it is for another model family "
+                "or architecture.")
+        if inert:
+            log.warning("DeRaDiff: %d of the %d layers in LoRA '%s' do not fit the reference's shapes and are "
+                        "ignored (e.g. %s).", len(inert), len(loaded), name, inert[0])
+            loaded = {k: v for k, v in loaded.items() if k not in set(inert)}
+        aligned = reference.clone()
+        aligned.add_patches(loaded, strength)
+        log.info("DeRaDiff: LoRA '%s' patches %d layers of the reference (strength %g).", name, len(loaded), strength)
+        return aligned
+
+
+    @staticmethod
+    def _inert_patches(reference, loaded):
+        """Keys whose update leaves the weight unchanged: ComfyUI skips patches whose shape does
+        not fit (it only logs), which would make the aligned model silently equal the reference."""
+        inert = []
+        model = reference.model
+        for key, patch in loaded.items():
+            if not isinstance(key, str):  # (key, offset) slices: checked by ComfyUI itself
+                continue
+            probe = torch.zeros(comfy.utils.get_attr(model, key).shape, dtype=torch.float32)
+            if not comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], probe, key).any():
+                inert.append(key)
+        return inert
 
 
 class DeRaDiffMakePair:

@@ -162,6 +162,8 @@ STANDINS = {
     "checkpoints/sdxl_reference.safetensors": ("checkpoint", "sdxl", 400, {}),
     "diffusion_models/sdxl_aligned_unet.safetensors": ("unet", "sdxl", 500, {}),
     "loras/sd15_aligned_lora.safetensors": ("lora", "sd15", 600, {}),
+    "loras/sdxl_aligned_lora.safetensors": ("lora", "sdxl", 610, {}),
+    "diffusion_models/sd15_aligned_unet_fp32.safetensors": ("unet", "sd15", 300, {"dtype": torch.float32}),
 }
 # Written only by the tests that need them (ensure_standin): a full-size SD1.5 UNet in the
 # diffusers layout (1.7 GB), because ComfyUI recognises diffusers UNets by full configs only.
