@@ -137,10 +137,13 @@ def write_unet(path: str, family: str, seed: int, layout: str = "ldm", dtype=tor
 
 def write_lora(path: str, family: str, seed: int, rank: int = 4, scale: float = 1.0) -> str:
     """A kohya-style LoRA on every attention projection of the stand-in UNet."""
-    base = unet_state_dict(family, seed=0, dtype=torch.float32)
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    with torch.device("meta"):
+        shapes = _shapes(UNetModel(**UNET_CONFIGS[family], operations=comfy.ops.disable_weight_init))
     gen = torch.Generator().manual_seed(seed)
     sd = {}
-    for k, w in base.items():
+    for k, w in ((k, torch.empty(v, device="meta")) for k, v in shapes.items()):
         if not (k.endswith(".weight") and w.ndim == 2 and (".attn1." in k or ".attn2." in k)):
             continue
         name = "lora_unet_" + k[: -len(".weight")].replace(".", "_")
@@ -169,6 +172,10 @@ STANDINS = {
 # diffusers layout (1.7 GB), because ComfyUI recognises diffusers UNets by full configs only.
 ON_DEMAND = {
     "diffusion_models/sd15_aligned_diffusers_unet.safetensors": ("unet", "sd15_full", 700, {"layout": "diffusers"}),
+    # full-size models for the memory benchmark, where the UNet must dominate the footprint
+    "diffusion_models/sd15_full_reference_unet.safetensors": ("unet", "sd15_full", 710, {}),
+    "diffusion_models/sd15_full_aligned_unet.safetensors": ("unet", "sd15_full", 720, {}),
+    "loras/sd15_full_lora.safetensors": ("lora", "sd15_full", 730, {"rank": 32}),
 }
 
 

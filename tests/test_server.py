@@ -168,9 +168,12 @@ def test_pack_loads_and_nodes_are_listed(comfy_server):
     missing = [n for n in PACK_NODES if n not in info]
     assert not missing, f"/object_info lacks {missing}"
     for node_id, display in PACK_NODES.items():
+        assert info[node_id]["display_name"] == display
+    # every node the pack registers (the four above and any later ones) is documented
+    pack_nodes = [n for n, v in info.items() if v.get("python_module") == "custom_nodes." + PACK_DIR_NAME]
+    assert set(PACK_NODES) <= set(pack_nodes), f"pack nodes per /object_info: {pack_nodes}"
+    for node_id in pack_nodes:
         node = info[node_id]
-        assert node["display_name"] == display
-        assert node["python_module"].startswith("custom_nodes."), node["python_module"]
         assert node["description"].strip(), f"{node_id} has no description"
         inputs = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
         assert inputs, f"{node_id} has no inputs"
@@ -524,23 +527,44 @@ def write_lora_merged_unet(path, strength: float = 1.0) -> int:
 
 
 def test_lora_pair_equals_merged_unet_pair(comfy_server):
+    """A LoRA-aligned pair, by every route the pack offers, gives the image of the pair whose
+    aligned side is an independent UNet file with the LoRA merged in by hand.
+
+    Routes: MakePair(reference, LoraLoader(reference)) runs the aligned side on the
+    reference's own weights (the pack logs "plus N patched layers"); an extra object patch
+    on the aligned side (a ModelSamplingDiscrete with the default schedule) forces the
+    fallback that loads "a second full copy"; Load Aligned Model Pair takes loras/... itself.
+    Tolerance: LORA_TOLERANCE_MAX / _MEAN (fp32 merge vs on-the-fly patching rounding).
+    """
     merged_name = "sd15_reference_plus_lora_merged.safetensors"
-    write_lora_merged_unet(comfy_server.extra_diffusion_models / merged_name)
+    lora_layers = write_lora_merged_unet(comfy_server.extra_diffusion_models / merged_name)
     log_offset = len(comfy_server.log_text())
 
-    # reference + the same checkpoint through LoraLoader: two clones of one base model
     g = Graph()
     model, clip, vae = load_checkpoint(g, SD15_REF)
-    lora = g.add("LoraLoader", model=model, clip=clip, lora_name=SD15_LORA, strength_model=1.0, strength_clip=0.0)
-    pair = out(g.add("DeRaDiffMakePair", reference=model, aligned=out(lora, 0)))
+    lora = out(g.add("LoraLoader", model=model, clip=clip, lora_name=SD15_LORA, strength_model=1.0,
+                     strength_clip=0.0), 0)
+    with_object_patch = out(g.add("ModelSamplingDiscrete", model=lora, sampling="eps", zsnr=False))
     pos, neg = encode_pair(g, clip)
     latent = empty_latent(g)
-    lora_half = save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, latent)), vae, "e_lora_half")
-    lora_zero = save(g, out(deradiff_ksampler(g, pair, 0.0, pos, neg, latent)), vae, "e_lora_zero")
+    shared = out(g.add("DeRaDiffMakePair", reference=model, aligned=lora))
+    copied = out(g.add("DeRaDiffMakePair", reference=model, aligned=with_object_patch))
+    savers = {
+        "shared": save(g, out(deradiff_ksampler(g, shared, 0.5, pos, neg, latent)), vae, "e_lora_shared"),
+        "reference": save(g, out(deradiff_ksampler(g, shared, 0.0, pos, neg, latent)), vae, "e_lora_zero"),
+        "full_copy": save(g, out(deradiff_ksampler(g, copied, 0.5, pos, neg, latent)), vae, "e_lora_copy"),
+    }
+    lpair, lclip, lvae = load_pair(g, SD15_REF, "loras/" + SD15_LORA)
+    lpos, lneg = encode_pair(g, lclip)
+    savers["loader"] = save(g, out(deradiff_ksampler(g, lpair, 0.5, lpos, lneg, empty_latent(g))), lvae,
+                            "e_lora_loader")
     entry = comfy_server.run(g, timeout=300)
-    img_lora = one_image(comfy_server, entry, lora_half)
-    img_ref = one_image(comfy_server, entry, lora_zero)
+    imgs = {k: one_image(comfy_server, entry, n) for k, n in savers.items()}
     log = log_since(comfy_server, log_offset)
+    assert f"'aligned' is 'reference' plus {lora_layers} patched layers" in log, \
+        f"no shared-weights line for the LoraLoader pair in the server log:\n{log[-3000:]}"
+    assert f"'loras/{SD15_LORA}' is '{SD15_REF}' plus {lora_layers} patched layers" in log, \
+        f"no shared-weights line for the loader's LoRA pair in the server log:\n{log[-3000:]}"
     assert "a second full copy" in log, f"no 'second full copy' warning in the server log:\n{log[-3000:]}"
 
     # the same pair with the aligned side an independent file: the LoRA merged by hand
@@ -552,11 +576,13 @@ def test_lora_pair_equals_merged_unet_pair(comfy_server):
     img_merged = one_image(comfy_server, entry, merged_half)
 
     # the LoRA must change the picture well beyond the tolerance, or the comparison is empty
-    assert_different_images(img_lora, img_ref, "LoRA pair λ=0.5 vs λ=0", min_mean=8 * LORA_TOLERANCE_MEAN)
-    d = diff(img_lora, img_merged)
-    assert d.max() <= LORA_TOLERANCE_MAX and d.mean() <= LORA_TOLERANCE_MEAN, (
-        f"LoRA pair vs merged-UNet pair at λ=0.5: max abs difference {d.max()}/255 "
-        f"(allowed {LORA_TOLERANCE_MAX}), mean {d.mean():.3f} (allowed {LORA_TOLERANCE_MEAN})")
+    assert_different_images(img_merged, imgs["reference"], "merged-LoRA pair λ=0.5 vs λ=0",
+                            min_mean=8 * LORA_TOLERANCE_MEAN)
+    for route in ("shared", "full_copy", "loader"):
+        d = diff(imgs[route], img_merged)
+        assert d.max() <= LORA_TOLERANCE_MAX and d.mean() <= LORA_TOLERANCE_MEAN, (
+            f"LoRA pair ({route}) vs merged-UNet pair at λ=0.5: max abs difference {d.max()}/255 "
+            f"(allowed {LORA_TOLERANCE_MAX}), mean {d.mean():.3f} (allowed {LORA_TOLERANCE_MEAN})")
 
 
 # -- d. SDXL end to end ----------------------------------------------------------------
