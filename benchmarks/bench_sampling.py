@@ -2,6 +2,9 @@
 
     python benchmarks/bench_sampling.py [--family sd15|sdxl] [--size 256] [--steps 20] [--repeats 3] [--device cpu|cuda]
 
+Targets: λ=0.5 at most 2.05x the plain KSampler (2.0x is the floor for two full models);
+λ=0 and λ=1 at most 1.03x; a schedule at 0 or 1 on part of the steps pays two passes only there.
+
 Runs in one process through ComfyUI's own loaders and samplers on the generated stand-in
 models (or --reference/--aligned checkpoint names in models/checkpoints and diffusion_models).
 Configurations are interleaved (A B C D A B C D ...) so that drift in machine speed hits all of
@@ -68,9 +71,18 @@ def main():
         return lambda: sampler_node.sample(pair, 1, args.steps, 7.0, args.sampler, "normal", pos, neg, latent,
                                            1.0, **{"lambda": lam})
 
+    def scheduled(**kw):
+        sched = pack.nodes.DeRaDiffLambdaSchedule().build(preview_steps=args.steps, **kw)["result"][0]
+        return lambda: sampler_node.sample(pair, 1, args.steps, 7.0, args.sampler, "normal", pos, neg, latent,
+                                           1.0, **{"lambda": 1.0, "lambda_schedule": sched})
+
+    half = dict(lambda_to=0.0, start_percent=0.0, end_percent=0.5, custom_values="", lambda_outside=1.0)
     configs = {"KSampler (reference only)": plain, "DeRaDiff λ=0": realigned(0.0),
-               "DeRaDiff λ=1": realigned(1.0), "DeRaDiff λ=0.5": realigned(0.5)}
+               "DeRaDiff λ=1": realigned(1.0), "DeRaDiff λ=0.5": realigned(0.5),
+               "schedule 0 then 1": scheduled(shape="interval", lambda_from=0.0, **half),
+               "schedule 0.5 then 1": scheduled(shape="interval", lambda_from=0.5, **half)}
     cuda = args.device == "cuda"
+    from bench_shared_weights import PeakRSS, rss_bytes
     times = {k: [] for k in configs}
     peaks = {k: 0 for k in configs}
     for fn in configs.values():  # warm-up: loads both models once
@@ -80,23 +92,28 @@ def main():
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            else:
+                watcher, start = PeakRSS(), rss_bytes()
+                watcher.start()
             t0 = time.perf_counter()
             fn()
             if cuda:
                 torch.cuda.synchronize()
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated())
+            else:
+                watcher.running = False
+                watcher.join()
+                peaks[name] = max(peaks[name], watcher.peak - start)
             times[name].append((time.perf_counter() - t0) / args.steps)
     base = statistics.median(times["KSampler (reference only)"])
     where = torch.cuda.get_device_name() if cuda else "CPU (figures are CPU-only)"
     print(f"{args.family} stand-ins, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, "
           f"{args.repeats} interleaved repeats, {where}")
-    print(f"{'configuration':28s} {'s/step (median)':>16s} {'ratio':>7s}" + ("  peak GPU MiB" if cuda else ""))
+    mem = "peak GPU MiB" if cuda else "peak RSS growth MiB (activations)"
+    print(f"{'configuration':28s} {'s/step (median)':>16s} {'ratio':>7s}  {mem}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        line = f"{name:28s} {med:16.4f} {med / base:7.3f}"
-        if cuda:
-            line += f"  {peaks[name] / 2**20:12.0f}"
-        print(line)
+        print(f"{name:28s} {med:16.4f} {med / base:7.3f}  {peaks[name] / 2**20:12.0f}")
     mm.unload_all_models()
 
 

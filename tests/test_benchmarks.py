@@ -17,7 +17,7 @@ def run(*args):
 
 def test_bench_sampling_prints_ratios(comfy_root):
     text = run("benchmarks/bench_sampling.py", "--size", "64", "--steps", "2", "--repeats", "1")
-    rows = dict(re.findall(r"^(KSampler \(reference only\)|DeRaDiff λ=[\d.]+)\s+[\d.]+\s+([\d.]+)$", text, re.M))
+    rows = dict(re.findall(r"^(KSampler \(reference only\)|DeRaDiff λ=[\d.]+)\s+[\d.]+\s+([\d.]+)\s+\d+$", text, re.M))
     assert set(rows) == {"KSampler (reference only)", "DeRaDiff λ=0", "DeRaDiff λ=1", "DeRaDiff λ=0.5"}
     assert float(rows["KSampler (reference only)"]) == 1.0 and float(rows["DeRaDiff λ=0.5"]) > 0
 

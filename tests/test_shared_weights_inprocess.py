@@ -144,3 +144,29 @@ def test_diffusers_folder_and_shards_and_other_family(comfy, sd15, pack, tmp_pat
         loader.load("sdxl_reference.safetensors", "diffusion_models/dpo-sd15/unet/")
     msg = str(e.value)
     assert "dpo-sd15/unet/" in msg and "different model families" in msg and "SD15" in msg
+
+
+def test_weight_difference_file_uses_the_weight_space_path(comfy, sd15, pack, tmp_path):
+    """A "diff" (full weight difference) file cannot be applied in activation space; it goes
+    through ComfyUI's on-the-fly weight patch and still matches the merged copy."""
+    import comfy.sd
+    import folder_paths
+    import nodes
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(9)
+    diff = {}
+    for key, w in sd15["ref"].model.state_dict().items():
+        if key.startswith("diffusion_model.") and key.endswith(".weight") and (".attn2.to_k" in key or "proj_in" in key):
+            diff[key[:-len(".weight")] + ".diff"] = torch.randn(w.shape, generator=g) * 0.05
+    assert diff
+    save_file(diff, tmp_path / "dpo_difference.safetensors")
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    pair = pack.nodes.DeRaDiffLoadAlignedPair().load("sd15_reference.safetensors", "loras/dpo_difference.safetensors")[0]
+    side = pair.aligned_side()
+    assert side.shared is not None and len(side.shared.weight_patches) == len(diff) and not side.shared.low_rank
+    independent = comfy.sd.load_checkpoint_guess_config(
+        folder_paths.get_full_path("checkpoints", "sd15_reference.safetensors"), output_vae=False, output_clip=False)[0]
+    merged = nodes.LoraLoader().load_lora(independent, sd15["clip"], "dpo_difference.safetensors", 1.0, 0.0)[0]
+    merged_pair = pack.nodes.DeRaDiffMakePair().make(pair.reference, merged)[0]
+    for lam in (0.5, 1.5):
+        close(realign(pack, pair, lam, sd15), realign(pack, merged_pair, lam, sd15))
