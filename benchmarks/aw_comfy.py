@@ -16,6 +16,8 @@ Needs ComfyUI importable.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 FILLER_VAR = 1.0
@@ -30,14 +32,15 @@ class PointWorldEps(torch.nn.Module):
     def __init__(self, denoiser):
         super().__init__()
         if isinstance(denoiser, torch.nn.Module):
-            self.point_net = denoiser
+            self.point_net = copy.deepcopy(denoiser).requires_grad_(False)
             self._fn = None
         else:
             self._fn = denoiser
         self.dtype = torch.float32
 
     def point_denoise(self, points, sigma):
-        return (self._fn or self.point_net)(points, sigma)
+        with torch.no_grad():
+            return (self._fn or self.point_net)(points, sigma)
 
     def forward(self, x, timesteps, context=None, transformer_options={}, **kwargs):
         b, c, h, w = x.shape

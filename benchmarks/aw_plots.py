@@ -13,7 +13,13 @@ COLORS = {
     "interp": (44, 160, 44),
     "finetuned": (148, 103, 189),
 }
+ACCENT = (230, 120, 0, 255)
 SAMPLER_SHADES = [(214, 39, 40), (255, 127, 14), (140, 86, 75), (227, 119, 194), (188, 189, 34)]
+
+
+def ascii_text(s: str) -> str:
+    """PIL's bundled font has no Greek: spell the symbols out."""
+    return s.replace("λ", "lambda").replace("β", "beta").replace("≈", "~")
 
 
 def font(size=13):
@@ -21,6 +27,13 @@ def font(size=13):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: bitmap font only
         return ImageFont.load_default()
+
+
+def put(draw, x, y, text, f, align="l", fill=BLACK):
+    """Text at (x, y), left-aligned, centred ("c") or right-aligned ("r") on x."""
+    text = ascii_text(text)
+    width = draw.textlength(text, font=f)
+    draw.text((x - {"l": 0, "c": width / 2, "r": width}[align], y), text, fill=fill, font=f)
 
 
 def nice_ticks(lo, hi, n=5):
@@ -50,20 +63,18 @@ class Axes:
             px = self.px(t, ylim[0])[0]
             draw.line([(px, y0), (px, y1)], fill=LIGHT)
             draw.line([(px, y1), (px, y1 + 4)], fill=BLACK)
-            label = f"{t:g}"
-            draw.text((px - draw.textlength(label, font=f) / 2, y1 + 6), label, fill=BLACK, font=f)
+            put(draw, px, y1 + 6, f"{t:g}", f, "c")
         for t in nice_ticks(*ylim):
             py = self.px(xlim[0], t)[1]
             draw.line([(x0, py), (x1, py)], fill=LIGHT)
             draw.line([(x0 - 4, py), (x0, py)], fill=BLACK)
-            label = f"{t:g}"
-            draw.text((x0 - 7 - draw.textlength(label, font=f), py - 7), label, fill=BLACK, font=f)
+            put(draw, x0 - 7, py - 7, f"{t:g}", f, "r")
         draw.rectangle(box, outline=BLACK)
         ft = font(14)
-        draw.text(((x0 + x1) / 2 - draw.textlength(title, font=ft) / 2, y0 - 22), title, fill=BLACK, font=ft)
-        draw.text(((x0 + x1) / 2 - draw.textlength(xlabel, font=f) / 2, y1 + 24), xlabel, fill=BLACK, font=f)
+        put(draw, (x0 + x1) / 2, y0 - 22, title, ft, "c")
+        put(draw, (x0 + x1) / 2, y1 + 24, xlabel, f, "c")
         if ylabel:
-            draw.text((x0 - 55, y0 - 22), ylabel, fill=BLACK, font=f)
+            put(draw, x0 - 55, y0 - 22, ylabel, f)
 
     def px(self, x, y):
         x0, y0, x1, y1 = self.box
@@ -98,7 +109,7 @@ class Axes:
         """entries: (label, color, shape or None for a line)."""
         f = font(12)
         x0, y0, x1, y1 = self.box
-        width = max(self.d.textlength(e[0], font=f) for e in entries) + 40
+        width = max(self.d.textlength(ascii_text(e[0]), font=f) for e in entries) + 40
         lx = x0 + 8 if corner.endswith("l") else x1 - width - 8
         ly = y0 + 8 if corner.startswith("t") else y1 - 18 * len(entries) - 12
         self.d.rectangle([lx, ly, lx + width, ly + 18 * len(entries) + 6], fill=WHITE, outline=GREY)
@@ -107,7 +118,7 @@ class Axes:
             self.d.line([(lx + 6, cy), (lx + 28, cy)], fill=color, width=2)
             if shape:
                 self.marker_at(lx + 17, cy, color, shape)
-            self.d.text((lx + 34, cy - 7), label, fill=BLACK, font=f)
+            put(self.d, lx + 34, cy - 7, label, f)
 
 
 def _range(values, pad=0.08):
@@ -137,18 +148,18 @@ def reward_plot(path, lambdas, exact_curve, panels):
     img.save(path)
 
 
-def samples_plot(path, col_labels, rows, lim, centers, reward_dir, max_points=2500):
+def samples_plot(path, col_labels, rows, lim, centers, reward_dir, max_points=1500):
     """rows: [(row label, [points per column as [n, 2] tensors])]; centers: per column [K, 2]."""
     cell, left, top = 128, 170, 34
     img = Image.new("RGB", (left + cell * len(col_labels) + 6, top + cell * len(rows) + 6), WHITE)
     d = ImageDraw.Draw(img, "RGBA")
     f = font(12)
     for j, label in enumerate(col_labels):
-        d.text((left + j * cell + cell / 2 - d.textlength(label, font=f) / 2, 10), label, fill=BLACK, font=f)
+        put(d, left + j * cell + cell / 2, 10, label, f, "c")
     for i, (row_label, cols) in enumerate(rows):
         y0 = top + i * cell
         for k, part in enumerate(row_label.split("\n")):
-            d.text((6, y0 + cell / 2 - 14 + 15 * k), part, fill=BLACK, font=f)
+            put(d, 6, y0 + cell / 2 - 14 + 15 * k, part, f)
         for j, pts in enumerate(cols):
             x0 = left + j * cell
             d.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], outline=GREY)
@@ -168,15 +179,16 @@ def samples_plot(path, col_labels, rows, lim, centers, reward_dir, max_points=25
                 color = COLORS["finetuned"]
             for p in pts[::step].tolist():
                 qx, qy = px(p)
-                d.rectangle([qx, qy, qx + 1, qy + 1], fill=color + (110,))
-            for c in centers[j].tolist():
+                d.rectangle([qx, qy, qx + 1, qy + 1], fill=color + (90,))
+            for c in centers[j].tolist():  # the target's mode centres
                 qx, qy = px(c)
-                d.line([(qx - 3, qy), (qx + 3, qy)], fill=(0, 0, 0, 200))
-                d.line([(qx, qy - 3), (qx, qy + 3)], fill=(0, 0, 0, 200))
-            if i == 0 and j == 0:
-                a, b = px((0.0, 0.0)), px((0.8 * reward_dir[0], 0.8 * reward_dir[1]))
-                d.line([a, b], fill=(230, 120, 0, 255), width=2)
-                d.text((b[0] + 2, b[1] - 12), "w", fill=(230, 120, 0, 255), font=f)
+                d.line([(qx - 4, qy), (qx + 4, qy)], fill=ACCENT, width=2)
+                d.line([(qx, qy - 4), (qx, qy + 4)], fill=ACCENT, width=2)
+            if i == 0 and j == 0:  # the reward direction, from the cell's corner
+                a = (x0 + 10, y0 + cell - 12)
+                b = (a[0] + 28 * reward_dir[0], a[1] - 28 * reward_dir[1])
+                d.line([a, b], fill=ACCENT, width=2)
+                put(d, b[0] + 3, b[1] - 6, "w", f, fill=ACCENT)
     img.save(path)
 
 
@@ -187,12 +199,12 @@ def mode_plot(path, panels, n_modes):
     d = ImageDraw.Draw(img)
     ymax = max(max(ws) for _, series in panels for _, _, ws in series) * 1.1
     for i, (title, series) in enumerate(panels):
-        ax = Axes(d, (i * w + 55, 40, i * w + w - 10, h - 50), (-0.5, n_modes - 0.5), (0, ymax), title,
+        ax = Axes(d, (i * w + 55, 40, i * w + w - 10, h - 50), (0.5, n_modes + 0.5), (0, ymax), title,
                   "mode (sorted by reward w·m, best first)", "weight")
         bar = 0.8 / len(series)
         for s, (label, color, ws) in enumerate(series):
             for k, v in enumerate(ws):
-                xa = k - 0.4 + s * bar
+                xa = k + 1 - 0.4 + s * bar
                 p0, p1 = ax.px(xa, 0), ax.px(xa + bar, v)
                 d.rectangle([p0[0], p1[1], p1[0] - 1, p0[1]], fill=color)
         if i == 0:

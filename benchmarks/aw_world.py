@@ -185,7 +185,7 @@ def train_denoiser(model: MLPDenoiser, data: Mixture, steps: int, generator: tor
         loss.backward()
         opt.step()
         sched.step()
-        running += float(loss)
+        running += loss.detach().item()
         if (step + 1) % 50 == 0 or step + 1 == steps:
             curve.append(running / ((step % 50) + 1))
             running = 0.0

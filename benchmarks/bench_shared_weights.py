@@ -9,7 +9,9 @@
 Each configuration runs in its own process (so peak memory is its own), in rounds
 (A B C A B C ...) so that drift in machine speed hits all alike. Memory: on CUDA the peak of
 torch's allocator; on a CPU the peak resident set size above the process's size before any
-diffusion model was loaded (a sampling thread reads /proc). Models: full-size SD1.5 UNet
+diffusion model was loaded (a sampling thread reads /proc), both taken while sampling after a
+warm-up run, so the weights, activations and on-the-fly updates count, and the transient of
+reading a file at load time does not. Models: full-size SD1.5 UNet
 stand-ins (860 M parameters, random weights) so the weights, not Python, dominate; prompts are
 random conditioning tensors, so no text encoder is loaded.
 """
@@ -67,10 +69,6 @@ def one(config: str, size: int, steps: int, device: str, files=FILES) -> dict:
     cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0)), {}]]
     latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
     base = torch.cuda.memory_allocated() if cuda else rss_bytes()
-    watcher = PeakRSS()
-    watcher.start()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     ref = nodes.UNETLoader().load_unet(os.path.basename(files[0]), "default")[0]
     if config == CONFIGS[1]:
         pair = pack.nodes.DeRaDiffLoadAlignedPair()._apply_lora(ref, "lora", str(standins.STANDIN_DIR / files[2]), 1.0)
@@ -88,6 +86,11 @@ def one(config: str, size: int, steps: int, device: str, files=FILES) -> dict:
     run()  # warm-up (loads to the device)
     if cuda:
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    # peak while sampling (weights + activations + on-the-fly updates), not the transient
+    # of reading a file at load time
+    watcher = PeakRSS()
+    watcher.start()
     t0 = time.perf_counter()
     run()
     if cuda:

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import STANDIN_DIR
-from server_rig import PACK_DIR_NAME, PromptFailed, comfy_server, error_message, status_messages, status_of  # noqa: F401
+from server_rig import PACK_DIR_NAME, comfy_server, status_messages, status_of  # noqa: F401  (fixture)
 
 PACK_NODES = {
     "DeRaDiffLoadAlignedPair": "Load Aligned Model Pair (DeRaDiff)",
@@ -155,34 +155,29 @@ def test_pack_loads_and_nodes_are_listed(comfy_server):
     log = comfy_server.log_text()
     pack_lines = [line for line in log.splitlines() if PACK_DIR_NAME in line]
     failed = [line for line in pack_lines if "IMPORT FAILED" in line or "Cannot import" in line]
-    assert not failed, f"the pack failed to import:\n" + "\n".join(failed)
+    assert not failed, "the pack failed to import:\n" + "\n".join(failed)
     # "Import times for custom nodes:" lists every custom node module it loaded
     import_times = log.split("Import times for custom nodes:", 1)
     assert len(import_times) == 2, "no custom-node import summary in the server log"
     # found through the custom_nodes: key of the extra-model-paths file, not ComfyUI's own folder
     pack_path = str(comfy_server.root / "custom_nodes" / PACK_DIR_NAME)
     loaded = [line for line in import_times[1].splitlines() if line.strip().endswith(pack_path)]
-    assert loaded and "IMPORT FAILED" not in loaded[0], f"the pack is not among the loaded custom nodes:\n{import_times[1][:2000]}"
+    assert loaded and "IMPORT FAILED" not in loaded[0], \
+        f"the pack is not among the loaded custom nodes:\n{import_times[1][:2000]}"
 
     info = comfy_server.object_info()
     missing = [n for n in PACK_NODES if n not in info]
     assert not missing, f"/object_info lacks {missing}"
     for node_id, display in PACK_NODES.items():
-        assert info[node_id]["display_name"] == display
-    # every node the pack registers (the four above and any later ones) is documented
-    pack_nodes = [n for n, v in info.items() if v.get("python_module") == "custom_nodes." + PACK_DIR_NAME]
-    assert set(PACK_NODES) <= set(pack_nodes), f"pack nodes per /object_info: {pack_nodes}"
-    for node_id in pack_nodes:
         node = info[node_id]
+        assert node["display_name"] == display
+        assert node["python_module"] == "custom_nodes." + PACK_DIR_NAME, node["python_module"]
         assert node["description"].strip(), f"{node_id} has no description"
         inputs = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
         assert inputs, f"{node_id} has no inputs"
         for name, spec in inputs.items():
             options = spec[1] if len(spec) > 1 else {}
             assert str(options.get("tooltip", "")).strip(), f"{node_id} input '{name}' has no tooltip"
-        tooltips = node.get("output_tooltips") or []
-        assert len(tooltips) == len(node["output"]) and all(t.strip() for t in tooltips), \
-            f"{node_id} outputs without tooltips: {node['output']} / {tooltips}"
 
     assert info["DeRaDiffLoadAlignedPair"]["output"][0] == PAIR_TYPE
     assert info["DeRaDiffMakePair"]["output"] == [PAIR_TYPE]
@@ -197,6 +192,28 @@ def test_pack_loads_and_nodes_are_listed(comfy_server):
     assert SD15_REF in pair_inputs["reference_ckpt_name"][0]
     for choice in (SD15_ALIGNED_CKPT, SD15_ALIGNED_UNET, SDXL_ALIGNED_UNET):
         assert choice in pair_inputs["aligned_model"][0], pair_inputs["aligned_model"][0]
+
+
+def test_every_pack_node_is_documented(comfy_server):
+    """Every node the pack registers (the four above and any later ones): a description,
+    a tooltip on every input and on every output."""
+    info = comfy_server.object_info()
+    pack_nodes = [n for n, v in info.items() if v.get("python_module") == "custom_nodes." + PACK_DIR_NAME]
+    assert set(PACK_NODES) <= set(pack_nodes), f"pack nodes per /object_info: {pack_nodes}"
+    problems = []
+    for node_id in pack_nodes:
+        node = info[node_id]
+        if not node.get("description", "").strip():
+            problems.append(f"{node_id}: no description")
+        inputs = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
+        for name, spec in inputs.items():
+            options = spec[1] if len(spec) > 1 else {}
+            if not str(options.get("tooltip", "")).strip():
+                problems.append(f"{node_id}: input '{name}' has no tooltip")
+        tooltips = node.get("output_tooltips") or []
+        if len(tooltips) != len(node["output"]) or not all(t.strip() for t in tooltips):
+            problems.append(f"{node_id}: outputs {node['output']} have tooltips {tooltips}")
+    assert not problems, "\n".join(problems)
 
 
 # -- b. SD1.5 end to end ------------------------------------------------------------
@@ -288,7 +305,8 @@ def test_progress_and_previews_over_websocket(comfy_server):
     values = [p["value"] for p in progress]
     assert values == sorted(values) and values[-1] == steps, values
     frames = preview_frames(messages)
-    assert frames, "no binary preview frames"
+    # one latent2rgb preview per step, sent right after that step's progress message
+    assert len(frames) == len(progress), f"{len(frames)} preview frames for {len(progress)} progress messages"
     for frame in frames:
         frame.load()
         assert frame.size[0] > 0 and frame.size[1] > 0

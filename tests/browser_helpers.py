@@ -1,0 +1,476 @@
+"""Helpers for the browser test (tests/test_browser.py) and the example workflows.
+
+- ``MODEL_FILES``: the public model files the example workflows expect, where they go and
+  where they are published; the browser test places the stand-in models under these names.
+- ``WORKFLOWS``: how each example workflow in ``example_workflows/`` is built. The JSON files
+  are made by the real ComfyUI front end (LiteGraph's own ``createNode`` / ``connect`` /
+  ``graph.serialize()``), so they are exactly what the canvas saves and loads:
+
+      python tests/browser_helpers.py            # rewrites example_workflows/*.json
+
+  (starts ComfyUI with the pack and the stand-in models, and headless Debian Chromium).
+  The thumbnails (``example_workflows/*.jpg``) and the README screenshots (``docs/*.png``)
+  are written by the browser test when ``DERADIFF_UPDATE_EXAMPLE_IMAGES=1`` is set.
+- ``prompt_problems``: checks an API prompt (what the front end queues) against
+  ``/object_info``, so a renamed input, a widget value out of range or a combo value that
+  is not in the list is reported before anything runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "example_workflows"
+DOCS = REPO / "docs"
+ARTIFACTS = REPO / "test-artifacts"
+PACK_DIR_NAME = "comfyui-deradiff"  # the folder name scripts/comfy_server.py links the pack under
+
+CHROMIUM = os.environ.get("DERADIFF_CHROMIUM", "/usr/bin/chromium")
+# Debian's Chromium on a machine without a screen or outside network (no browser is downloaded).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1600, "height": 1000}
+
+HF = "https://huggingface.co"
+SD15_REF = "v1-5-pruned-emaonly.safetensors"
+SDXL_REF = "sd_xl_base_1.0.safetensors"
+SD15_DPO = "dpo-sd1.5-text2image-v1.safetensors"
+SDXL_DPO = "dpo-sdxl-text2image-v1.safetensors"
+# Diffusion-DPO's β: --beta_dpo 5000 in the authors' SD1.5 and SDXL launchers
+# (github.com/SalesforceAIResearch/DiffusionDPO, launchers/sd15.sh and launchers/sdxl.sh).
+DPO_BETA = 5000.0
+
+# public file name -> (ComfyUI model folder, stand-in in tests/standins.py, download URL)
+MODEL_FILES = {
+    SD15_REF: ("checkpoints", "checkpoints/sd15_reference.safetensors",
+               f"{HF}/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.safetensors"),
+    SDXL_REF: ("checkpoints", "checkpoints/sdxl_reference.safetensors",
+               f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"),
+    SD15_DPO: ("diffusion_models", "diffusion_models/sd15_aligned_unet.safetensors",
+               f"{HF}/mhdang/dpo-sd1.5-text2image-v1/resolve/main/unet/diffusion_pytorch_model.safetensors"),
+    SDXL_DPO: ("diffusion_models", "diffusion_models/sdxl_aligned_unet.safetensors",
+               f"{HF}/mhdang/dpo-sdxl-text2image-v1/resolve/main/unet/diffusion_pytorch_model.safetensors"),
+}
+
+
+def models_metadata(*names):
+    """The workflow's top-level ``models`` list: the front end checks these files exist and,
+    when one is missing, offers its download in the missing-models dialog."""
+    return [{"name": n, "url": MODEL_FILES[n][2], "directory": MODEL_FILES[n][0]} for n in names]
+
+
+def make_models_dir(dest: Path, standin_dir: Path) -> Path:
+    """A ComfyUI models folder whose files carry the public names, each a symlink to the
+    stand-in of the same family (checkpoints/, diffusion_models/, loras/)."""
+    for sub in ("checkpoints", "diffusion_models", "loras"):
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+    for name, (folder, standin, _) in MODEL_FILES.items():
+        target = standin_dir / standin
+        if not target.exists():
+            raise FileNotFoundError(f"stand-in {target} is missing")
+        link = dest / folder / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+    return dest
+
+
+# -- the example workflows ----------------------------------------------------------------
+
+def _node(key, type_, pos, widgets=None, size=None, title=None):
+    return {"key": key, "type": type_, "pos": list(pos), "widgets": widgets or {}, "size": size, "title": title}
+
+
+MODELS_HELP = (
+    "Put the files here, then press R in ComfyUI (or restart it) to refresh the lists.\n"
+    "A diffusers UNet is always called diffusion_pytorch_model.safetensors: save it under the name "
+    "shown, so two of them can sit side by side.")
+
+LAMBDA_HELP = (
+    "λ: 0 = the reference, 1 = the aligned model, between = a stronger KL penalty (β/λ > β), "
+    "above 1 = a weaker one (β/λ < β: more alignment; may degrade past 2-3).")
+
+
+def _sd15_models_note(extra=""):
+    return (
+        "Model files\n"
+        f"• models/checkpoints/{SD15_REF}\n"
+        "   the reference: Stable Diffusion 1.5, huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5\n"
+        f"• models/diffusion_models/{SD15_DPO}\n"
+        "   the aligned model: Diffusion-DPO SD1.5, huggingface.co/mhdang/dpo-sd1.5-text2image-v1, "
+        "file unet/diffusion_pytorch_model.safetensors (3.4 GB), renamed\n\n"
+        f"{MODELS_HELP}\n\n"
+        f"β = 5000: Diffusion-DPO trained SD1.5 at β = 5000 (--beta_dpo 5000).\n{LAMBDA_HELP}{extra}")
+
+
+def _sd15_graph(sampler_node, sampler_widgets, note_title, note_text, save_prefix, extra_nodes=(), extra_links=(),
+                pair_widgets=None):
+    """Load pair + prompts + empty latent + a sampler + decode + save, SD1.5 sized."""
+    nodes = [
+        _node("note", "Note", (0, 0), {"text": note_text}, size=(470, 430), title=note_title),
+        _node("pair", "DeRaDiffLoadAlignedPair", (0, 470),
+              pair_widgets or {"reference_ckpt_name": SD15_REF, "aligned_model": f"diffusion_models/{SD15_DPO}",
+                               "beta": DPO_BETA, "lora_strength": 1.0}, size=(470, None)),
+        _node("pos", "CLIPTextEncode", (510, 0), {"text": "a red fox in the snow, detailed fur, golden hour light"},
+              size=(400, 170), title="Positive prompt"),
+        _node("neg", "CLIPTextEncode", (510, 210), {"text": "blurry, low quality, deformed"}, size=(400, 130),
+              title="Negative prompt"),
+        _node("latent", "EmptyLatentImage", (510, 380), {"width": 512, "height": 512, "batch_size": 1}, size=(400, None)),
+        _node("sampler", sampler_node, (950, 0), sampler_widgets, size=(330, None)),
+        _node("decode", "VAEDecode", (1320, 0), size=(220, None)),
+        _node("save", "SaveImage", (1320, 90), {"filename_prefix": save_prefix}, size=(420, 470)),
+        *extra_nodes,
+    ]
+    links = [
+        ("pair", "CLIP", "pos", "clip"), ("pair", "CLIP", "neg", "clip"),
+        ("pos", "CONDITIONING", "sampler", "positive"), ("neg", "CONDITIONING", "sampler", "negative"),
+        ("latent", "LATENT", "sampler", "latent_image"),
+        ("sampler", "LATENT", "decode", "samples"), ("pair", "VAE", "decode", "vae"),
+        ("decode", "IMAGE", "save", "images"),
+        *extra_links,
+    ]
+    return nodes, links
+
+
+SAMPLER_WIDGETS = {"seed": 42, "control_after_generate": "fixed", "steps": 25, "cfg": 7.5,
+                   "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
+
+
+def _sd15_dpo():
+    nodes, links = _sd15_graph(
+        "DeRaDiffKSampler", {"lambda": 1.5, **SAMPLER_WIDGETS},
+        "DeRaDiff: SD1.5 + Diffusion-DPO",
+        _sd15_models_note("\n\nA full aligned checkpoint works the same way: put it in models/checkpoints and "
+                          "pick checkpoints/<file> as aligned_model."),
+        "DeRaDiff/sd15_dpo")
+    links.insert(0, ("pair", "pair", "sampler", "pair"))
+    return nodes, links, models_metadata(SD15_REF, SD15_DPO)
+
+
+def _sdxl_dpo():
+    note = (
+        "Model files\n"
+        f"• models/checkpoints/{SDXL_REF}\n"
+        "   the reference: SDXL 1.0 base, huggingface.co/stabilityai/stable-diffusion-xl-base-1.0\n"
+        f"• models/diffusion_models/{SDXL_DPO}\n"
+        "   the aligned model: Diffusion-DPO SDXL, huggingface.co/mhdang/dpo-sdxl-text2image-v1, "
+        "file unet/diffusion_pytorch_model.safetensors (10.3 GB, fp32; loaded at the reference's dtype), renamed\n\n"
+        f"{MODELS_HELP}\n\n"
+        f"β = 5000: Diffusion-DPO trained SDXL at β = 5000 (--beta_dpo 5000).\n{LAMBDA_HELP}")
+    nodes, links = _sd15_graph(
+        "DeRaDiffKSampler", {"lambda": 1.5, **dict(SAMPLER_WIDGETS, steps=30, cfg=7.0)},
+        "DeRaDiff: SDXL + Diffusion-DPO UNet", note, "DeRaDiff/sdxl_dpo",
+        pair_widgets={"reference_ckpt_name": SDXL_REF, "aligned_model": f"diffusion_models/{SDXL_DPO}",
+                      "beta": DPO_BETA, "lora_strength": 1.0})
+    for n in nodes:
+        if n["key"] == "latent":
+            n["widgets"] = {"width": 1024, "height": 1024, "batch_size": 1}
+    links.insert(0, ("pair", "pair", "sampler", "pair"))
+    return nodes, links, models_metadata(SDXL_REF, SDXL_DPO)
+
+
+def _lambda_sweep():
+    nodes, links = _sd15_graph(
+        "DeRaDiffLambdaSweep", {"lambdas": "0, 0.5, 1, 1.5, 2", **SAMPLER_WIDGETS},
+        "DeRaDiff: λ sweep grid (SD1.5 + Diffusion-DPO)",
+        _sd15_models_note("\n\nThe sweep samples every λ with the same seed in one batched pass; the grid "
+                          "labels each image with λ and the emulated β/λ."),
+        "DeRaDiff/lambda_sweep",
+        extra_nodes=[_node("grid", "DeRaDiffSweepGrid", (1320, 90), {"columns": 0}, size=(260, None))])
+    for n in nodes:
+        if n["key"] == "save":
+            n["pos"] = [1320, 200]
+            n["size"] = [620, 360]
+    links = [("sampler", "latents", "decode", "samples") if link == ("sampler", "LATENT", "decode", "samples") else link
+             for link in links if link != ("decode", "IMAGE", "save", "images")]
+    links += [("pair", "pair", "sampler", "pair"), ("decode", "IMAGE", "grid", "images"),
+              ("sampler", "labels", "grid", "labels"), ("grid", "grid", "save", "images")]
+    return nodes, links, models_metadata(SD15_REF, SD15_DPO)
+
+
+def _realign_model():
+    nodes, links = _sd15_graph(
+        "KSampler", dict(SAMPLER_WIDGETS),
+        "DeRaDiff: realigned MODEL in a plain KSampler",
+        _sd15_models_note("\n\nDeRaDiff Realign Model turns the pair into a MODEL, so any sampler node (KSampler, "
+                          "KSamplerAdvanced, SamplerCustom, detailers, upscalers) samples the realigned model. "
+                          "In a KSampler it gives what DeRaDiff KSampler gives."),
+        "DeRaDiff/realign_model",
+        extra_nodes=[_node("realign", "DeRaDiffRealignModel", (510, 560), {"lambda": 1.5}, size=(400, None))])
+    links += [("pair", "pair", "realign", "pair"), ("realign", "MODEL", "sampler", "model")]
+    return nodes, links, models_metadata(SD15_REF, SD15_DPO)
+
+
+def _lambda_schedule():
+    nodes, links = _sd15_graph(
+        "DeRaDiffKSampler", {"lambda": 1.0, **SAMPLER_WIDGETS},
+        "DeRaDiff: λ schedule along the trajectory",
+        _sd15_models_note("\n\nThe schedule replaces the sampler's constant λ. Here: λ 1.5 for the first 40 % of "
+                          "the denoising (the aligned model's composition, extrapolated), then λ 0 (the reference's "
+                          "details). The node plots λ over the steps when it runs."),
+        "DeRaDiff/lambda_schedule",
+        extra_nodes=[_node("schedule", "DeRaDiffLambdaSchedule", (510, 560),
+                           {"shape": "interval", "lambda_from": 1.5, "lambda_to": 0.0, "start_percent": 0.0,
+                            "end_percent": 0.4, "lambda_outside": 0.0, "custom_values": "1, 1, 1, 0.5, 0",
+                            "preview_steps": 25}, size=(400, 560))])
+    links += [("pair", "pair", "sampler", "pair"), ("pair", "pair", "schedule", "pair"),
+              ("schedule", "lambda_schedule", "sampler", "lambda_schedule")]
+    return nodes, links, models_metadata(SD15_REF, SD15_DPO)
+
+
+# name (file base name) -> builder
+WORKFLOWS = {
+    "deradiff_sd15_dpo": _sd15_dpo,
+    "deradiff_sdxl_dpo_unet": _sdxl_dpo,
+    "deradiff_lambda_sweep_grid": _lambda_sweep,
+    "deradiff_realign_model_ksampler": _realign_model,
+    "deradiff_lambda_schedule": _lambda_schedule,
+}
+
+
+def workflow_spec(name):
+    nodes, links, models = WORKFLOWS[name]()
+    return {"nodes": nodes, "links": [list(link) for link in links], "models": models}
+
+
+# -- front-end snippets --------------------------------------------------------------------
+
+# Builds a graph from a spec with LiteGraph's own API and returns app.graph.serialize().
+BUILD_JS = r"""
+async (spec) => {
+  const g = app.graph;
+  g.clear();
+  const byKey = {};
+  for (const s of spec.nodes) {
+    const n = LiteGraph.createNode(s.type);
+    if (!n) throw new Error(`node type ${s.type} is not registered`);
+    n.pos = s.pos;
+    if (s.title) n.title = s.title;
+    g.add(n);
+    for (const [name, value] of Object.entries(s.widgets)) {
+      const w = n.widgets?.find((w) => w.name === name);
+      if (!w) throw new Error(`${s.type} has no widget ${name}`);
+      if (w.type === "combo" && !w.options.values.includes(value))
+        throw new Error(`${s.type}.${name}: ${value} is not one of ${w.options.values}`);
+      w.value = value;
+      w.callback?.(value);
+    }
+    byKey[s.key] = n;
+  }
+  for (const [src, out, dst, inp] of spec.links) {
+    const a = byKey[src], b = byKey[dst];
+    const o = a.outputs.findIndex((x) => x.name === out);
+    const i = b.inputs.findIndex((x) => x.name === inp);
+    if (o < 0 || i < 0) throw new Error(`no slot for link ${src}.${out} -> ${dst}.${inp}`);
+    if (!a.connect(o, b, i)) throw new Error(`could not connect ${src}.${out} -> ${dst}.${inp}`);
+  }
+  await new Promise((r) => setTimeout(r, 200));
+  for (const s of spec.nodes) {
+    const n = byKey[s.key], min = n.computeSize();
+    const [w, h] = s.size ?? [null, null];
+    n.setSize([Math.max(w ?? 0, min[0]), Math.max(h ?? 0, min[1])]);
+  }
+  const data = g.serialize();
+  data.models = spec.models;
+  return data;
+}
+"""
+
+# Fits the whole graph into the canvas, as the "fit view" button does.
+FIT_VIEW_JS = r"""
+(zoom) => {
+  const nodes = app.graph.nodes;
+  let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+  for (const n of nodes) {
+    const [x, y] = n.pos, [w, h] = n.size, t = LiteGraph.NODE_TITLE_HEIGHT;
+    x0 = Math.min(x0, x); y0 = Math.min(y0, y - t); x1 = Math.max(x1, x + w); y1 = Math.max(y1, y + h);
+  }
+  app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], {zoom});
+  app.canvas.setDirty(true, true);
+  app.canvas.draw(true, true);
+  const a = app.canvasPosToClientPos([x0, y0]), b = app.canvasPosToClientPos([x1, y1]);
+  return [a[0], a[1], b[0], b[1]];
+}
+"""
+
+
+# -- checking an API prompt against /object_info ------------------------------------------
+
+def _is_link(value):
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def _combo_values(spec):
+    kind = spec[0]
+    if isinstance(kind, list):
+        return kind
+    if kind == "COMBO":
+        return (spec[1] if len(spec) > 1 else {}).get("options", [])
+    return None
+
+
+def _types_match(out_type, in_type):
+    if out_type == "*" or in_type == "*":
+        return True
+    outs = set(str(out_type).split(","))
+    ins = set(str(in_type).split(","))
+    return bool(outs & ins)
+
+
+def prompt_problems(prompt: dict, object_info: dict) -> list[str]:
+    """Everything in an API prompt that /object_info says is wrong: unknown class types,
+    unknown or missing inputs, links to missing nodes or outputs, output/input type mismatch,
+    combo values not in the list, numbers out of range or of the wrong kind."""
+    problems = []
+    for node_id, node in prompt.items():
+        cls = node.get("class_type")
+        info = object_info.get(cls)
+        where = f"node {node_id} ({cls})"
+        if info is None:
+            problems.append(f"{where}: class_type is not in /object_info")
+            continue
+        required = info["input"].get("required", {})
+        optional = info["input"].get("optional", {})
+        declared = {**required, **optional}
+        inputs = node.get("inputs", {})
+        for name in required:
+            if name not in inputs:
+                problems.append(f"{where}: required input '{name}' is missing")
+        for name, value in inputs.items():
+            spec = declared.get(name)
+            if spec is None:
+                problems.append(f"{where}: input '{name}' is not an input of {cls} "
+                                f"(it has {sorted(declared)})")
+                continue
+            kind = spec[0]
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if _is_link(value):
+                src = prompt.get(value[0])
+                if src is None:
+                    problems.append(f"{where}: input '{name}' links to node {value[0]}, which is not in the prompt")
+                    continue
+                src_info = object_info.get(src["class_type"])
+                if src_info is None:
+                    continue  # reported for that node
+                outs = src_info["output"]
+                if not 0 <= value[1] < len(outs):
+                    problems.append(f"{where}: input '{name}' links to output {value[1]} of {src['class_type']}, "
+                                    f"which has {len(outs)} outputs")
+                    continue
+                want = "COMBO" if isinstance(kind, list) else kind
+                if not _types_match(outs[value[1]], want):
+                    problems.append(f"{where}: input '{name}' ({want}) is linked to output {value[1]} of "
+                                    f"{src['class_type']} ({outs[value[1]]})")
+                continue
+            values = _combo_values(spec)
+            if values is not None:
+                if value not in values:
+                    problems.append(f"{where}: '{name}' = {value!r} is not one of its {len(values)} choices")
+            elif kind in ("INT", "FLOAT"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    problems.append(f"{where}: '{name}' = {value!r} is not a number")
+                    continue
+                if kind == "INT" and value != int(value):
+                    problems.append(f"{where}: '{name}' = {value!r} is not an integer")
+                if "min" in opts and value < opts["min"]:
+                    problems.append(f"{where}: '{name}' = {value!r} is below its minimum {opts['min']}")
+                if "max" in opts and value > opts["max"]:
+                    problems.append(f"{where}: '{name}' = {value!r} is above its maximum {opts['max']}")
+            elif kind == "STRING":
+                if not isinstance(value, str):
+                    problems.append(f"{where}: '{name}' = {value!r} is not a string")
+                elif opts.get("forceInput"):
+                    problems.append(f"{where}: '{name}' must be linked (forceInput), got a value")
+            elif kind == "BOOLEAN":
+                if not isinstance(value, bool):
+                    problems.append(f"{where}: '{name}' = {value!r} is not a boolean")
+            else:
+                problems.append(f"{where}: '{name}' of type {kind} must be linked, got the value {value!r}")
+    return problems
+
+
+# -- browser and server ---------------------------------------------------------------------
+
+def browser_available() -> str | None:
+    """None when the test can drive Chromium, else what is missing."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the Python package playwright is not installed (pip install playwright; no browser download needed)"
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} is missing (Debian: apt-get install -y chromium)"
+    return None
+
+
+def launch_browser(playwright):
+    """Debian's Chromium, headless, with a fresh profile (returns a persistent context)."""
+    profile = tempfile.mkdtemp(prefix="deradiff-chromium-")
+    context = playwright.chromium.launch_persistent_context(
+        profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, viewport=VIEWPORT)
+    # The "Nodes 2.0" banner would cover the top of the canvas in the screenshots.
+    context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+    return context, profile
+
+
+# Settings of a returning user: no first-run templates dialog, no minimap over the canvas.
+UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+
+
+@contextmanager
+def comfy_with_pack(comfy_root, workdir: Path):
+    """The real ComfyUI server with the pack, the public model names linked to the stand-ins."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO / "tests"))
+    from comfy_server import ComfyServer
+    from standins import ensure_all_standins
+
+    models = make_models_dir(workdir / "models", ensure_all_standins())
+    with ComfyServer(comfy_root, models, workdir / "comfy") as server:
+        server.post("/api/settings", UI_SETTINGS)
+        yield server
+
+
+def open_front_end(page, url):
+    page.goto(url)
+    page.wait_for_function("() => !!(window.app && window.app.graph && window.LiteGraph && "
+                           "LiteGraph.registered_node_types['DeRaDiffKSampler'])", timeout=120_000)
+    page.wait_for_timeout(1000)
+    return page
+
+
+def write_workflows(comfy_root=None):
+    """Rebuilds example_workflows/*.json in the real front end."""
+    from playwright.sync_api import sync_playwright
+    sys.path.insert(0, str(REPO / "scripts"))
+    import comfyui_runtime
+    root = comfy_root or comfyui_runtime.comfyui_root()
+    work = Path(tempfile.mkdtemp(prefix="deradiff-examples-"))
+    try:
+        with comfy_with_pack(root, work) as server, sync_playwright() as p:
+            context, profile = launch_browser(p)
+            try:
+                page = open_front_end(context.new_page(), server.url)
+                EXAMPLES.mkdir(exist_ok=True)
+                for name in WORKFLOWS:
+                    data = page.evaluate(BUILD_JS, workflow_spec(name))
+                    page.evaluate(FIT_VIEW_JS, 0.9)
+                    ds = page.evaluate("({scale: app.canvas.ds.scale, offset: [...app.canvas.ds.offset]})")
+                    data.setdefault("extra", {})["ds"] = ds
+                    (EXAMPLES / f"{name}.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+                    print("wrote", EXAMPLES / f"{name}.json")
+            finally:
+                context.close()
+                shutil.rmtree(profile, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    write_workflows()

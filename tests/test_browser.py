@@ -1,0 +1,412 @@
+"""The example workflows in the real ComfyUI front end, in headless Chromium.
+
+A real ComfyUI server runs with this pack installed (scripts/comfy_server.py) and a models
+folder whose files carry the public names the workflows expect (v1-5-pruned-emaonly.safetensors,
+sd_xl_base_1.0.safetensors, the Diffusion-DPO UNets), each a symlink to the stand-in model of
+the same family. Debian's Chromium (driven by Playwright, no browser download) opens the real
+front end and, for every file in example_workflows/:
+
+- drops the file on the canvas, as a user does, and checks that the front end reports no
+  missing node and no missing model, that every node type is registered, that every widget
+  the file names exists on the loaded node and kept the file's value, and that every combo
+  value is one of the choices the server offers;
+- checks the pack's JS extension ran (the "λ = …" info line of DeRaDiff KSampler);
+- lets the front end convert the graph to an API prompt (``app.graphToPrompt()``) and checks
+  that prompt against ``/object_info``: class types, input names, link types, combo values,
+  numeric ranges;
+- makes it small (64x64, 2 steps), presses Run, waits for the prompt to finish and checks the
+  saved images, the images shown on the canvas, the λ Schedule's plot and the info line the
+  server sent back;
+- keeps screenshots in test-artifacts/browser/ (DERADIFF_UPDATE_EXAMPLE_IMAGES=1 also writes the
+  template thumbnails example_workflows/*.jpg and the README screenshots docs/*.png).
+
+It also checks the server's template routes and the templates browser (Templates → Extensions →
+comfyui-deradiff shows every workflow with its thumbnail and loads it on click), and that no
+error reached the browser console while workflows were loaded and run.
+
+Needs /usr/bin/chromium (apt-get install -y chromium) and the Python package playwright.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from browser_helpers import (ARTIFACTS, DOCS, EXAMPLES, FIT_VIEW_JS, MODEL_FILES, PACK_DIR_NAME, WORKFLOWS,
+                             browser_available, comfy_with_pack, launch_browser, open_front_end, prompt_problems)
+
+SHOTS = ARTIFACTS / "browser"
+UPDATE_IMAGES = os.environ.get("DERADIFF_UPDATE_EXAMPLE_IMAGES") == "1"
+EXAMPLE_NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
+RUN_SIZE = 64
+RUN_STEPS = 2
+
+
+# -- fixtures ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(comfy_root, tmp_path_factory):
+    missing = browser_available()
+    if missing:
+        pytest.fail(f"the browser test needs Chromium and Playwright: {missing}")
+    with comfy_with_pack(comfy_root, tmp_path_factory.mktemp("browser")) as srv:
+        yield srv
+    (ARTIFACTS).mkdir(exist_ok=True)
+    shutil.copy(srv.log_path, ARTIFACTS / "comfy-server-browser.log")
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+class Console:
+    """Everything the page reported: console messages, uncaught errors, failed requests."""
+
+    # Requests the front end makes that this server does not serve; not errors of the pack.
+    OPTIONAL = ("/user.css", "/api/userdata", "api.comfy.org")
+
+    def __init__(self, page):
+        self.entries = []
+        self.start = 0
+        page.on("console", lambda m: self.entries.append((m.type, m.text)))
+        page.on("pageerror", lambda e: self.entries.append(("pageerror", str(e))))
+        page.on("response", lambda r: r.status >= 400 and not any(o in r.url for o in self.OPTIONAL)
+                and self.entries.append(("http", f"{r.status} {r.request.method} {r.url}")))
+        page.on("requestfailed", lambda r: not any(o in r.url for o in self.OPTIONAL)
+                and self.entries.append(("requestfailed", f"{r.url} {r.failure}")))
+
+    def mark(self):
+        self.start = len(self.entries)
+
+    def errors(self, since_mark=True):
+        found = []
+        for kind, text in self.entries[self.start if since_mark else 0:]:
+            if kind == "error" and text.startswith("Failed to load resource"):
+                continue  # the request itself is judged by its "http"/"requestfailed" entry
+            if kind in ("error", "pageerror", "http", "requestfailed"):
+                found.append(f"{kind}: {text}")
+        return found
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        context, profile = launch_browser(p)
+        try:
+            yield context
+        finally:
+            context.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ui(browser, server):
+    page = browser.new_page()
+    console = Console(page)
+    open_front_end(page, server.url)
+    # open_front_end waited for the app; errors logged while it started are the front end's own
+    # (it looks for the network and user files) unless they name the pack.
+    page.wait_for_timeout(500)
+    startup = [e for e in console.errors(since_mark=False) if "deradiff" in e.lower()]
+    assert not startup, f"errors about the pack while the front end started: {startup}"
+    console.mark()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    yield page, console
+    (SHOTS / "console.log").write_text("\n".join(f"{k}: {t}" for k, t in console.entries))
+
+
+# -- front-end snippets ---------------------------------------------------------------------
+
+# Drops a workflow file on the canvas (what a user does with a .json file) and records what
+# the front end reports: missing node types and missing models (its own dialogs).
+DROP_JS = r"""
+async ([name, text]) => {
+  const seen = {missingNodes: [], missingModels: []};
+  const origNodes = app.showMissingNodesError, origModels = app.showMissingModelsError;
+  app.showMissingNodesError = function (m) {
+    seen.missingNodes.push(...m.map((x) => (typeof x === "string" ? x : x.type)));
+    return origNodes.apply(this, arguments);
+  };
+  app.showMissingModelsError = function (m) {
+    seen.missingModels.push(...m.map((x) => `${x.directory}/${x.name}`));
+    return origModels.apply(this, arguments);
+  };
+  try {
+    app.graph.clear();
+    const file = new File([text], `${name}.json`, {type: "application/json"});
+    const dt = new DataTransfer();
+    dt.items.add(file);
+    const target = document.querySelector("#graph-canvas") ?? app.canvasEl;
+    target.dispatchEvent(new DragEvent("drop", {bubbles: true, cancelable: true, dataTransfer: dt}));
+    const t0 = Date.now();
+    while (app.graph.nodes.length === 0 && Date.now() - t0 < 20000) await new Promise((r) => setTimeout(r, 50));
+    await new Promise((r) => setTimeout(r, 500));
+  } finally {
+    app.showMissingNodesError = origNodes;
+    app.showMissingModelsError = origModels;
+  }
+  return seen;
+}
+"""
+
+# The loaded graph as the front end holds it.
+STATE_JS = r"""
+() => {
+  const saved = app.graph.serialize();
+  return {
+    saved,
+    nodes: app.graph.nodes.map((n) => ({
+      id: n.id, type: n.type, registered: n.type in LiteGraph.registered_node_types, hasErrors: !!n.has_errors,
+      widgets: (n.widgets ?? []).map((w) => ({name: w.name, type: w.type, value: w.value,
+        choices: w.type === "combo" ? (typeof w.options.values === "function" ? w.options.values() : w.options.values) : null})),
+      info: n.widgets?.find((w) => w.name === "deradiff_info")?.element?.textContent ?? null,
+    })),
+  };
+}
+"""
+
+INFO_BOX_JS = r"""
+() => [...document.querySelectorAll(".deradiff-beta")].map((e) => {
+  const r = e.getBoundingClientRect();
+  const style = getComputedStyle(e.closest(".dom-widget") ?? e);
+  return {text: e.textContent, w: r.width, h: r.height, visible: style.display !== "none" && style.visibility !== "hidden"};
+})
+"""
+
+# What a user does before pressing Run here: small images, few steps.
+SHRINK_JS = r"""
+([size, steps]) => {
+  for (const n of app.graph.nodes) for (const w of n.widgets ?? []) {
+    if (n.type === "EmptyLatentImage" && (w.name === "width" || w.name === "height")) w.value = size;
+    if (w.name === "steps" || w.name === "preview_steps") w.value = steps;
+  }
+  app.graph.setDirtyCanvas(true, true);
+}
+"""
+
+# Images the canvas shows on a node (SaveImage output, the λ Schedule's plot).
+NODE_IMAGES_JS = r"""
+(id) => {
+  const n = app.graph.getNodeById(id);
+  const imgs = n?.imgs ?? [];
+  return imgs.map((i) => ({src: i.src, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}));
+}
+"""
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def load_example(page, name):
+    return page.evaluate(DROP_JS, [name, (EXAMPLES / f"{name}.json").read_text()])
+
+
+def screenshot(page, path: Path, crop_graph=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if crop_graph:
+        x0, y0, x1, y1 = page.evaluate(FIT_VIEW_JS, 0.92)
+        page.wait_for_timeout(300)
+        vw, vh = page.viewport_size["width"], page.viewport_size["height"]
+        x0, y0 = max(0, x0 - 16), max(0, y0 - 16)
+        x1, y1 = min(vw, x1 + 16), min(vh, y1 + 16)
+        page.screenshot(path=str(path), clip={"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0})
+    else:
+        page.screenshot(path=str(path))
+    return path
+
+
+def write_thumbnail(png: Path, jpg: Path, size=640):
+    """A square JPG (the templates browser shows .jpg thumbnails in square cards)."""
+    img = Image.open(png).convert("RGB")
+    side = max(img.size)
+    square = Image.new("RGB", (side, side), img.getpixel((2, 2)))
+    square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    square.resize((size, size), Image.LANCZOS).save(jpg, "JPEG", quality=85, optimize=True)
+
+
+def write_doc_image(png: Path, dest: Path, max_width=1400):
+    img = Image.open(png).convert("RGB")
+    if img.width > max_width:
+        img = img.resize((max_width, round(img.height * max_width / img.width)), Image.LANCZOS)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    img.save(dest, "PNG", optimize=True)
+
+
+def expected_info_text(lam, beta):
+    """What js/deradiff.js shows under λ before a run (kept independent of the JS on purpose)."""
+    lam_txt = f"{lam:g}"
+    role = ("reference model" if lam == 0 else "aligned model" if lam == 1
+            else "interpolating (stronger KL)" if lam < 1 else "extrapolating (weaker KL)")
+    if not beta:
+        return f"λ = {lam_txt}: {role}"
+    if lam == 0:
+        return "λ = 0: reference model (β/λ = ∞)"
+    return f"λ = {lam_txt}: {role}, emulates β/λ = {float(f'{beta / lam:.4g}'):g} (trained at β = {beta:g})"
+
+
+def node_of(data, node_type):
+    return [n for n in data["nodes"] if n["type"] == node_type]
+
+
+# -- the server's template routes ---------------------------------------------------------
+
+def test_examples_exist():
+    assert set(EXAMPLE_NAMES) == set(WORKFLOWS), (
+        f"example_workflows/ holds {EXAMPLE_NAMES}, tests/browser_helpers.py builds {sorted(WORKFLOWS)}")
+
+
+def test_workflow_template_routes(server):
+    listed = server.get("/workflow_templates")
+    assert sorted(listed.get(PACK_DIR_NAME, [])) == EXAMPLE_NAMES, listed
+    import urllib.request
+    for name in EXAMPLE_NAMES:
+        base = f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/{name}"
+        with urllib.request.urlopen(base + ".json") as r:
+            assert json.loads(r.read()) == json.loads((EXAMPLES / f"{name}.json").read_text())
+        with urllib.request.urlopen(base + ".jpg") as r:
+            assert r.headers["Content-Type"] == "image/jpeg"
+            assert r.read() == (EXAMPLES / f"{name}.jpg").read_bytes()
+
+
+# -- each example workflow in the browser -------------------------------------------------
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_example_workflow_in_browser(name, ui, server, object_info):
+    page, console = ui
+    console.mark()
+    data = json.loads((EXAMPLES / f"{name}.json").read_text())
+
+    # 1. drop the file on the canvas
+    seen = load_example(page, name)
+    assert seen["missingNodes"] == [], f"the front end reports missing nodes: {seen['missingNodes']}"
+    assert seen["missingModels"] == [], f"the front end reports missing models: {seen['missingModels']}"
+    state = page.evaluate(STATE_JS)
+    assert sorted(n["type"] for n in state["nodes"]) == sorted(n["type"] for n in data["nodes"])
+    loaded = {n["id"]: n for n in state["nodes"]}
+    saved = {n["id"]: n for n in state["saved"]["nodes"]}
+    for node in data["nodes"]:
+        got = loaded[node["id"]]
+        assert got["registered"] and not got["hasErrors"], f"{node['type']} did not load as a real node"
+        names = [w["name"] for w in got["widgets"]]
+        for inp in node.get("inputs", []):
+            if inp.get("widget"):
+                assert inp["widget"]["name"] in names, (
+                    f"{node['type']}: the workflow has a widget '{inp['widget']['name']}' the node no longer has "
+                    f"(its widgets: {names})")
+        if "widgets_values" in node:
+            assert saved[node["id"]].get("widgets_values") == node["widgets_values"], (
+                f"{node['type']}: the front end changed the widget values on load: "
+                f"{node['widgets_values']} -> {saved[node['id']].get('widgets_values')}")
+        for w in got["widgets"]:
+            if w["choices"] is not None:
+                assert w["value"] in w["choices"], (
+                    f"{node['type']}.{w['name']} = {w['value']!r} is not one of the server's choices {w['choices']}")
+    # every model file the Note asks for is one the graph uses, and the other way round
+    note = "\n".join(n["widgets_values"][0] for n in node_of(data, "Note"))
+    for model in data["models"]:
+        assert f"models/{model['directory']}/{model['name']}" in note
+        assert model["name"] in MODEL_FILES
+
+    # 2. the pack's JS extension: the info line under λ
+    boxes = page.evaluate(INFO_BOX_JS)
+    samplers = node_of(data, "DeRaDiffKSampler")
+    assert len(boxes) == len(samplers), f"info lines {boxes} for {len(samplers)} DeRaDiff KSampler nodes"
+    for node, box in zip(samplers, boxes):
+        pair = next(n for n in data["nodes"] if n["type"] == "DeRaDiffLoadAlignedPair")
+        lam = next(w["value"] for w in loaded[node["id"]]["widgets"] if w["name"] == "lambda")
+        beta = next(w["value"] for w in loaded[pair["id"]]["widgets"] if w["name"] == "beta")
+        assert box["visible"] and box["w"] > 50 and box["h"] > 5, box
+        assert box["text"] == expected_info_text(lam, beta)
+    shot = screenshot(page, SHOTS / f"{name}-loaded.png", crop_graph=True)
+
+    # 3. the API prompt the front end makes, against /object_info
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert {v["class_type"] for v in prompt.values()} == {
+        n["type"] for n in data["nodes"] if n["type"] not in ("Note", "MarkdownNote")}
+    problems = prompt_problems(prompt, object_info)
+    assert not problems, "the prompt does not match /object_info:\n" + "\n".join(problems)
+    assert console.errors() == [], f"errors while loading {name}: {console.errors()}"
+
+    # 4. run it, small
+    page.evaluate(SHRINK_JS, [RUN_SIZE, RUN_STEPS])
+    t0 = time.monotonic()
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST",
+                              timeout=60_000) as response:
+        page.locator("button:has-text('Run')").first.click()
+    assert response.value.status == 200, response.value.text()
+    prompt_id = response.value.json()["prompt_id"]
+    entry = server.wait(prompt_id, timeout=600)
+    run_s = time.monotonic() - t0
+    status = entry["status"]
+    assert status.get("status_str") == "success", f"{name} failed: {json.dumps(status)[:2000]}"
+    outputs = entry["outputs"]
+    saves = node_of(data, "SaveImage")
+    assert saves
+    for save in saves:
+        images = outputs.get(str(save["id"]), {}).get("images", [])
+        assert images, f"SaveImage {save['id']} saved nothing: {outputs}"
+        for img in images:
+            path = server.workdir / "output" / img["subfolder"] / img["filename"]
+            assert path.exists(), path
+            w, h = Image.open(path).size
+            if node_of(data, "DeRaDiffSweepGrid"):
+                assert w > RUN_SIZE and h > RUN_SIZE, (w, h)  # a grid with labels
+            else:
+                assert (w, h) == (RUN_SIZE, RUN_SIZE)
+        page.wait_for_function(
+            "(id) => { const n = app.graph.getNodeById(id); return !!(n?.imgs?.length && n.imgs.every((i) => i.complete && i.naturalWidth > 0)); }",
+            arg=save["id"], timeout=30_000)
+    for sched in node_of(data, "DeRaDiffLambdaSchedule"):
+        ui_out = outputs.get(str(sched["id"]), {})
+        assert ui_out.get("images") and ui_out.get("deradiff"), ui_out
+        page.wait_for_function(
+            "(id) => { const n = app.graph.getNodeById(id); return !!(n?.imgs?.length && n.imgs[0].complete && n.imgs[0].naturalWidth > 0); }",
+            arg=sched["id"], timeout=30_000)
+        shown = page.evaluate(NODE_IMAGES_JS, sched["id"])
+        assert shown[0]["w"] >= 100 and ui_out["images"][0]["filename"] in shown[0]["src"], shown
+    for node in samplers:  # after a run the line is the server's own description
+        text = outputs[str(node["id"])]["deradiff"][0]
+        page.wait_for_function("(t) => [...document.querySelectorAll('.deradiff-beta')].some((e) => e.textContent === t)",
+                               arg=text, timeout=10_000)
+    page.wait_for_timeout(300)
+    ran = screenshot(page, SHOTS / f"{name}-ran.png", crop_graph=True)
+    assert console.errors() == [], f"errors while running {name}: {console.errors()}"
+    print(f"{name}: ran in {run_s:.1f} s")
+
+    if UPDATE_IMAGES:
+        write_thumbnail(shot, EXAMPLES / f"{name}.jpg")
+        write_doc_image(ran, DOCS / f"{name}.png")
+
+
+# -- the templates browser ------------------------------------------------------------------
+
+def test_templates_browser_lists_and_loads_the_examples(ui, server):
+    page, console = ui
+    console.mark()
+    page.evaluate("() => app.graph.clear()")
+    page.locator("button:has-text('Templates'), [aria-label*='Templates']").first.click()
+    nav = page.get_by_text(PACK_DIR_NAME, exact=True).first
+    nav.wait_for(timeout=30_000)
+    nav.click()
+    for name in EXAMPLE_NAMES:
+        page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
+    page.wait_for_function(
+        "(names) => names.every((n) => [...document.querySelectorAll('img')].some("
+        "(i) => i.src.endsWith(`/${n}.jpg`) && i.complete && i.naturalWidth > 0))",
+        arg=EXAMPLE_NAMES, timeout=30_000)
+    screenshot(page, SHOTS / "templates-browser.png")
+    if UPDATE_IMAGES:
+        write_doc_image(SHOTS / "templates-browser.png", DOCS / "templates_browser.png")
+    name = "deradiff_sd15_dpo"
+    page.get_by_text(name, exact=True).first.click()
+    page.wait_for_function("(n) => app.graph.nodes.length === n", arg=len(json.loads(
+        (EXAMPLES / f"{name}.json").read_text())["nodes"]), timeout=30_000)
+    types = page.evaluate("() => app.graph.nodes.map((n) => n.type).sort()")
+    assert types == sorted(n["type"] for n in json.loads((EXAMPLES / f"{name}.json").read_text())["nodes"])
+    assert console.errors() == [], console.errors()
