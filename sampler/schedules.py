@@ -16,6 +16,17 @@ from .mixing import check_lambda
 SHAPES = ("constant", "linear", "cosine", "ease_in", "ease_out", "interval", "custom")
 
 
+_float_cache = [None, None]  # (the sigmas object last seen, its values as floats)
+
+
+def _as_floats(sample_sigmas) -> list:
+    """The sampler's sigmas as Python floats, converted once per sampling run rather than at
+    every model call (on a GPU each element read is a device sync)."""
+    if _float_cache[0] is not sample_sigmas:
+        _float_cache[0], _float_cache[1] = sample_sigmas, [float(s) for s in sample_sigmas]
+    return _float_cache[1]
+
+
 def progress_at(sigma: float, sample_sigmas) -> float:
     """Fractional step index of ``sigma`` in the (descending) sampler sigmas, scaled to [0, 1].
 
@@ -24,7 +35,7 @@ def progress_at(sigma: float, sample_sigmas) -> float:
     """
     if sample_sigmas is None:
         return 0.0
-    sigmas = [float(s) for s in sample_sigmas]
+    sigmas = _as_floats(sample_sigmas)
     n = len(sigmas) - 1
     if n <= 0:
         return 0.0
