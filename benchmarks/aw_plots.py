@@ -184,9 +184,9 @@ def samples_plot(path, col_labels, rows, lim, centers, reward_dir, max_points=15
                 qx, qy = px(c)
                 d.line([(qx - 4, qy), (qx + 4, qy)], fill=ACCENT, width=2)
                 d.line([(qx, qy - 4), (qx, qy + 4)], fill=ACCENT, width=2)
-            if i == 0 and j == 0:  # the reward direction, from the cell's corner
-                a = (x0 + 10, y0 + cell - 12)
-                b = (a[0] + 28 * reward_dir[0], a[1] - 28 * reward_dir[1])
+            if i == 0 and j == 0:  # the reward direction, from the (empty) centre of the ring
+                a = px((0.0, 0.0))
+                b = (a[0] + 22 * reward_dir[0], a[1] - 22 * reward_dir[1])
                 d.line([a, b], fill=ACCENT, width=2)
                 put(d, b[0] + 3, b[1] - 6, "w", f, fill=ACCENT)
     img.save(path)

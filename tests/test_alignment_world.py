@@ -149,6 +149,7 @@ def test_comfy_model_returns_the_ideal_denoiser(comfy):
     torch.testing.assert_close(tiny, x, atol=1e-3, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:Should have")  # torchsde's Brownian tree at the first sigma (dpmpp_2m_sde)
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_single_gaussian_deradiff_paths_equal_the_ideal_beta_over_lambda_model(pack, sampler):
     """2-D Gaussian world: DeRaDiff(ref, aligned at beta, lam) through the pack's KSampler node (its
