@@ -69,6 +69,7 @@ class DeRaDiffSweepGrid:
     DESCRIPTION = "Lays out decoded sweep images in a grid with a label (λ, β/λ) under each."
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("grid",)
+    OUTPUT_TOOLTIPS = ("All sweep images in one grid, each labelled with its λ (and β/λ).",)
     FUNCTION = "grid"
     CATEGORY = CATEGORY
 

@@ -1,7 +1,8 @@
 """Workflow tests through a real ComfyUI HTTP server (see server_rig.py).
 
 Every prompt is a small API-format graph on the stand-in models: 64x64 images and
-2-6 steps, so that the whole module runs in about a minute and a half on two CPU cores.
+2-6 steps; the module takes about three minutes on two otherwise idle CPU cores (server
+start included), several times that when other processes compete for the cores.
 Images are compared pixel for pixel after the server saved them as PNG.
 
 The tests are ordered so that consecutive prompts share their loaders: ComfyUI keeps a
