@@ -80,7 +80,7 @@ class DeRaDiffSweepGrid:
                 "images": ("IMAGE", {"tooltip": "The decoded sweep latents (VAE Decode of the sweep's latents)."}),
                 "labels": ("STRING", {"forceInput": True, "tooltip": "The sweep's labels output."}),
                 "columns": ("INT", {"default": 0, "min": 0, "max": 64,
-                                    "tooltip": "Images per row; 0 = automatic (about square)."}),
+                                    "tooltip": "Images per row; 0 = automatic (one row up to 8 images, else about square)."}),
             }
         }
 

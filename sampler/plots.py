@@ -47,7 +47,7 @@ def schedule_preview(curve, steps: int, beta=None, size=(400, 220)) -> Image.Ima
 def labelled_grid(images: np.ndarray, labels: list[str], columns: int = 0) -> np.ndarray:
     """images: [N, H, W, C] floats in 0..1 -> one grid image [1, H', W', C] with a label under each."""
     n, h, w, c = images.shape
-    columns = columns or min(n, max(1, round(math.sqrt(n * h / w))))
+    columns = columns or (n if n <= 8 else math.ceil(math.sqrt(n)))  # a sweep reads best as one row
     rows = math.ceil(n / columns)
     font = _font(max(10, min(18, w // 14)))
     strip = int(font.size * 1.8) if hasattr(font, "size") else 20

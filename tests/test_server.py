@@ -26,6 +26,10 @@ PACK_NODES = {
     "DeRaDiffMakePair": "Make Aligned Model Pair (DeRaDiff)",
     "DeRaDiffKSampler": "DeRaDiff KSampler",
     "DeRaDiffGuider": "DeRaDiff Guider",
+    "DeRaDiffLambdaSchedule": "DeRaDiff λ Schedule",
+    "DeRaDiffLambdaSweep": "DeRaDiff λ Sweep",
+    "DeRaDiffSweepGrid": "DeRaDiff Sweep Grid",
+    "DeRaDiffRealignModel": "DeRaDiff Realign Model",
 }
 PAIR_TYPE = "DERADIFF_PAIR"
 
@@ -623,3 +627,120 @@ def test_sdxl_end_to_end(comfy_server):
     assert_different_images(imgs[0.5], imgs[0.0], "SDXL λ=0.5 vs λ=0")
 
 
+
+
+# -- λ Schedule, λ Sweep, Realign Model (issue: schedules and sweeps) ------------------------
+
+def schedule_node(g: Graph, pair=None, **kw) -> str:
+    inputs = dict(shape="linear", lambda_from=1.0, lambda_to=0.0, start_percent=0.0, end_percent=1.0,
+                  lambda_outside=0.0, custom_values="1, 1, 0.5, 0", preview_steps=STEPS)
+    inputs.update(kw)
+    if pair is not None:
+        inputs["pair"] = pair
+    return g.add("DeRaDiffLambdaSchedule", **inputs)
+
+
+@pytest.fixture(scope="module")
+def issue3_images(comfy_server):
+    """One prompt: DeRaDiff KSampler at λ 0 and 0.5, the same through a constant schedule, a sweep
+    of both λ (+ grid), a realigned MODEL in a plain KSampler, and a schedule preview."""
+    g = Graph()
+    pair, pclip, pvae = load_pair(g, SD15_REF, SD15_ALIGNED_CKPT)
+    pos, neg = encode_pair(g, pclip)
+    latent = empty_latent(g)
+    savers = {}
+    for lam in (0.0, 0.5):
+        savers[f"ks_{lam}"] = save(g, out(deradiff_ksampler(g, pair, lam, pos, neg, latent)), pvae, f"i3_ks_{lam}")
+    constant = schedule_node(g, shape="constant", lambda_from=0.5)
+    s = g.add("DeRaDiffKSampler", pair=pair, seed=SEED, steps=STEPS, cfg=CFG, sampler_name="euler",
+              scheduler="normal", positive=pos, negative=neg, latent_image=latent, denoise=1.0,
+              lambda_schedule=out(constant), **{"lambda": 0.0})
+    savers["ks_schedule_0.5"] = save(g, out(s), pvae, "i3_sched")
+    sweep = g.add("DeRaDiffLambdaSweep", pair=pair, lambdas="0, 0.5", seed=SEED, steps=STEPS, cfg=CFG,
+                  sampler_name="euler", scheduler="normal", positive=pos, negative=neg, latent_image=latent,
+                  denoise=1.0)
+    decoded = g.add("VAEDecode", samples=out(sweep, 0), vae=pvae)
+    savers["sweep"] = g.add("SaveImage", images=out(decoded), filename_prefix="i3_sweep")
+    grid = g.add("DeRaDiffSweepGrid", images=out(decoded), labels=out(sweep, 1), columns=0)
+    savers["grid"] = g.add("SaveImage", images=out(grid), filename_prefix="i3_grid")
+    model = g.add("DeRaDiffRealignModel", pair=pair, **{"lambda": 0.5})
+    savers["realigned_ksampler"] = save(g, out(ksampler(g, out(model), pos, neg, latent)), pvae, "i3_realign")
+    preview = schedule_node(g, pair=pair, shape="interval", lambda_from=1.5, end_percent=0.4)
+    # a schedule node is not an output: feed it to a sampler so it runs
+    s = g.add("DeRaDiffKSampler", pair=pair, seed=SEED, steps=STEPS, cfg=CFG, sampler_name="heun",
+              scheduler="normal", positive=pos, negative=neg, latent_image=latent, denoise=1.0,
+              lambda_schedule=out(preview), **{"lambda": 1.0})
+    savers["interval"] = save(g, out(s), pvae, "i3_interval")
+    entry = comfy_server.run(g, timeout=400)
+    images = {k: saved_images(comfy_server, entry, n) for k, n in savers.items()}
+    return images, entry, preview
+
+
+def test_schedule_sweep_and_realigned_model_through_the_server(comfy_server, issue3_images):
+    images, entry, preview_node = issue3_images
+    assert_different_images(images["ks_0.0"][0], images["ks_0.5"][0], "λ 0 vs 0.5")
+    assert_same_image(images["ks_schedule_0.5"][0], images["ks_0.5"][0], "constant schedule 0.5 vs λ 0.5")
+    sweep = images["sweep"]
+    assert len(sweep) == 2
+    for got, want, what in ((sweep[0], images["ks_0.0"][0], "sweep λ 0"), (sweep[1], images["ks_0.5"][0], "sweep λ 0.5")):
+        d = diff(got, want)
+        assert d.max() <= 2, f"{what}: max difference {d.max()}/255 from the separate DeRaDiff KSampler run"
+    grid = images["grid"][0]
+    assert grid.shape[1] == 2 * SIZE and grid.shape[0] > SIZE  # two tiles side by side, labels below
+    d = diff(images["realigned_ksampler"][0], images["ks_0.5"][0])
+    assert d.max() <= 2, f"realigned MODEL in KSampler vs DeRaDiff KSampler: max difference {d.max()}/255"
+    assert_not_flat(images["interval"][0], "interval schedule")
+
+
+def test_schedule_preview_is_served_by_the_server(comfy_server, issue3_images):
+    _, entry, preview_node = issue3_images
+    ui = entry["outputs"].get(preview_node, {})
+    assert ui.get("deradiff") and "1.5" in ui["deradiff"][0]
+    (image,) = ui["images"]
+    r = comfy_server.http.get(comfy_server.base + "/view", timeout=30, params={
+        "filename": image["filename"], "type": image["type"], "subfolder": image["subfolder"]})
+    assert r.status_code == 200
+    with Image.open(io.BytesIO(r.content)) as im:
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
+    curve = (np.abs(pixels - np.array([255, 170, 60])).sum(1) < 30).sum()
+    assert curve > 50, "the λ curve is not drawn in the preview"
+
+
+# -- aligned models as LoRA or diffusers UNet (issue: shared weights) ---------------------------
+
+def test_diffusers_unet_file_and_folder_through_the_server(comfy_server):
+    from conftest import ensure_standin
+    single = ensure_standin("diffusion_models/sd15_aligned_diffusers_unet.safetensors")
+    folder = comfy_server.root / "models" / "diffusion_models" / "dpo-sd15" / "unet"
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "diffusion_pytorch_model.safetensors"
+    if not link.exists():
+        link.symlink_to(single)
+    g = Graph()
+    savers = {}
+    for name, aligned in (("file", "diffusion_models/sd15_aligned_diffusers_unet.safetensors"),
+                          ("folder", "diffusion_models/dpo-sd15/unet/")):
+        pair, pclip, pvae = load_pair(g, SD15_REF, aligned)
+        pos, neg = encode_pair(g, pclip)
+        savers[name] = save(g, out(deradiff_ksampler(g, pair, 1.0, pos, neg, empty_latent(g), steps=1)), pvae, f"d_{name}")
+    model, clip, vae = load_checkpoint(g, SD15_REF)
+    unet = out(g.add("UNETLoader", unet_name="sd15_aligned_diffusers_unet.safetensors", weight_dtype="default"))
+    cpos, cneg = encode_pair(g, clip)
+    savers["unetloader"] = save(g, out(ksampler(g, unet, cpos, cneg, empty_latent(g), steps=1)), vae, "d_ul")
+    entry = comfy_server.run(g, timeout=600)
+    imgs = {k: one_image(comfy_server, entry, n) for k, n in savers.items()}
+    assert_same_image(imgs["file"], imgs["unetloader"], "diffusers file λ=1 vs UNETLoader + KSampler")
+    assert_same_image(imgs["folder"], imgs["file"], "diffusers folder vs file")
+    # a diffusers UNet of another family is refused, naming the file
+    g = Graph()
+    pair, pclip, pvae = load_pair(g, SDXL_REF, "diffusion_models/dpo-sd15/unet/")
+    pos, neg = encode_pair(g, pclip)
+    save(g, out(deradiff_ksampler(g, pair, 0.5, pos, neg, empty_latent(g), steps=1)), pvae, "d_bad")
+    entry = comfy_server.run(g, timeout=300, expect_success=False)
+    message = error_message_of(entry)
+    assert "dpo-sd15/unet/" in message and "different model families" in message
+
+
+def error_message_of(entry: dict) -> str:
+    from server_rig import error_message
+    return error_message(entry)
