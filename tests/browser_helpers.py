@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -203,7 +204,7 @@ def _realign_model():
                           "KSamplerAdvanced, SamplerCustom, detailers, upscalers) samples the realigned model. "
                           "In a KSampler it gives what DeRaDiff KSampler gives."),
         "DeRaDiff/realign_model",
-        extra_nodes=[_node("realign", "DeRaDiffRealignModel", (510, 560), {"lambda": 1.5}, size=(400, None))])
+        extra_nodes=[_node("realign", "DeRaDiffRealignModel", (950, 380), {"lambda": 1.5}, size=(330, None))])
     links += [("pair", "pair", "realign", "pair"), ("realign", "MODEL", "sampler", "model")]
     return nodes, links, models_metadata(SD15_REF, SD15_DPO)
 
@@ -232,6 +233,17 @@ WORKFLOWS = {
     "deradiff_lambda_sweep_grid": _lambda_sweep,
     "deradiff_realign_model_ksampler": _realign_model,
     "deradiff_lambda_schedule": _lambda_schedule,
+}
+
+
+# What each template thumbnail frames (node types), and whether it is taken after a run
+# (the λ Schedule's plot only exists once the node has run).
+THUMBNAILS = {
+    "deradiff_sd15_dpo": (["DeRaDiffKSampler"], False),
+    "deradiff_sdxl_dpo_unet": (["DeRaDiffLoadAlignedPair"], False),
+    "deradiff_lambda_sweep_grid": (["DeRaDiffLambdaSweep", "DeRaDiffSweepGrid"], False),
+    "deradiff_realign_model_ksampler": (["DeRaDiffRealignModel", "KSampler"], False),
+    "deradiff_lambda_schedule": (["DeRaDiffLambdaSchedule"], True),
 }
 
 
@@ -279,7 +291,7 @@ async (spec) => {
   }
   const data = g.serialize();
   data.models = spec.models;
-  return data;
+  return JSON.stringify(data);  // as the front end saves it: properties that are undefined are left out
 }
 """
 
@@ -296,6 +308,27 @@ FIT_VIEW_JS = r"""
   app.canvas.setDirty(true, true);
   app.canvas.draw(true, true);
   const a = app.canvasPosToClientPos([x0, y0]), b = app.canvasPosToClientPos([x1, y1]);
+  return [a[0], a[1], b[0], b[1]];
+}
+"""
+
+
+# Frames the nodes of the given types in a square (fitted to the canvas) and returns that
+# square in page coordinates.
+FRAME_JS = r"""
+([types, margin]) => {
+  const nodes = app.graph.nodes.filter((n) => types.includes(n.type));
+  let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+  for (const n of nodes) {
+    const [x, y] = n.pos, [w, h] = n.size, t = LiteGraph.NODE_TITLE_HEIGHT;
+    x0 = Math.min(x0, x); y0 = Math.min(y0, y - t); x1 = Math.max(x1, x + w); y1 = Math.max(y1, y + h);
+  }
+  const side = Math.max(x1 - x0, y1 - y0) * margin, cx = (x0 + x1) / 2, cy = (y0 + y1) / 2;
+  app.canvas.ds.fitToBounds([cx - side / 2, cy - side / 2, side, side], {zoom: 0.95});
+  app.canvas.setDirty(true, true);
+  app.canvas.draw(true, true);
+  const a = app.canvasPosToClientPos([cx - side / 2, cy - side / 2]);
+  const b = app.canvasPosToClientPos([cx + side / 2, cy + side / 2]);
   return [a[0], a[1], b[0], b[1]];
 }
 """
@@ -459,10 +492,11 @@ def write_workflows(comfy_root=None):
                 page = open_front_end(context.new_page(), server.url)
                 EXAMPLES.mkdir(exist_ok=True)
                 for name in WORKFLOWS:
-                    data = page.evaluate(BUILD_JS, workflow_spec(name))
+                    data = json.loads(page.evaluate(BUILD_JS, workflow_spec(name)))
                     page.evaluate(FIT_VIEW_JS, 0.9)
                     ds = page.evaluate("({scale: app.canvas.ds.scale, offset: [...app.canvas.ds.offset]})")
                     data.setdefault("extra", {})["ds"] = ds
+                    data["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"https://github.com/deradiff/comfyui-deradiff/{name}"))
                     (EXAMPLES / f"{name}.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
                     print("wrote", EXAMPLES / f"{name}.json")
             finally:
@@ -472,5 +506,41 @@ def write_workflows(comfy_root=None):
         shutil.rmtree(work, ignore_errors=True)
 
 
+
+
+def write_icon(path: Path = DOCS / "icon.png", size=400):
+    """The registry icon ([tool.comfy] Icon): a λ on a dial, square, 400x400."""
+    from PIL import Image, ImageDraw, ImageFont
+    scale = 4  # drawn large, scaled down: smooth edges
+    s = size * scale
+    img = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    bg = Image.new("RGBA", (s, s))
+    top, bottom = (32, 44, 92), (96, 40, 120)
+    px = bg.load()
+    for y in range(s):
+        t = y / (s - 1)
+        c = tuple(round(a + (b - a) * t) for a, b in zip(top, bottom)) + (255,)
+        for x in range(s):
+            px[x, y] = c
+    mask = Image.new("L", (s, s), 0)
+    ImageDraw.Draw(mask).rounded_rectangle([0, 0, s - 1, s - 1], radius=s // 7, fill=255)
+    img.paste(bg, (0, 0), mask)
+    overlay = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    m, w = s // 8, s // 22
+    box = [m, m, s - m, s - m]
+    draw.arc(box, start=135, end=405, fill=(255, 255, 255, 70), width=w)      # the dial
+    draw.arc(box, start=135, end=300, fill=(255, 196, 84, 255), width=w)      # set past 1: λ > 1
+    font = ImageFont.truetype("DejaVuSans-Bold.ttf", int(s * 0.5))
+    draw.text((s / 2, s / 2 + s * 0.02), "λ", font=font, fill=(255, 255, 255, 255), anchor="mm")
+    img = Image.alpha_composite(img, overlay)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.resize((size, size), Image.LANCZOS).save(path, optimize=True)
+    return path
+
+
 if __name__ == "__main__":
-    write_workflows()
+    if "--icon" in sys.argv:
+        print("wrote", write_icon())
+    else:
+        write_workflows()

@@ -37,12 +37,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from browser_helpers import (ARTIFACTS, DOCS, EXAMPLES, FIT_VIEW_JS, MODEL_FILES, PACK_DIR_NAME, WORKFLOWS,
+from browser_helpers import (ARTIFACTS, DOCS, EXAMPLES, FIT_VIEW_JS, FRAME_JS, MODEL_FILES, PACK_DIR_NAME, THUMBNAILS,
+                             WORKFLOWS,
                              browser_available, comfy_with_pack, launch_browser, open_front_end, prompt_problems)
 
 SHOTS = ARTIFACTS / "browser"
 UPDATE_IMAGES = os.environ.get("DERADIFF_UPDATE_EXAMPLE_IMAGES") == "1"
 EXAMPLE_NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
+# README screenshots (docs/<name>.png): the graph as loaded, or after its run
+DOC_IMAGES = {"deradiff_sd15_dpo": "loaded", "deradiff_lambda_sweep_grid": "ran", "deradiff_lambda_schedule": "ran"}
 RUN_SIZE = 64
 RUN_STEPS = 2
 
@@ -78,7 +81,10 @@ class Console:
         page.on("pageerror", lambda e: self.entries.append(("pageerror", str(e))))
         page.on("response", lambda r: r.status >= 400 and not any(o in r.url for o in self.OPTIONAL)
                 and self.entries.append(("http", f"{r.status} {r.request.method} {r.url}")))
+        # a request the page cancelled itself (ERR_ABORTED: the core templates' previews when the
+        # templates dialog closes) is no error, unless it was one of the pack's
         page.on("requestfailed", lambda r: not any(o in r.url for o in self.OPTIONAL)
+                and ("ERR_ABORTED" not in (r.failure or "") or "deradiff" in r.url)
                 and self.entries.append(("requestfailed", f"{r.url} {r.failure}")))
 
     def mark(self):
@@ -185,7 +191,7 @@ SHRINK_JS = r"""
 ([size, steps]) => {
   for (const n of app.graph.nodes) for (const w of n.widgets ?? []) {
     if (n.type === "EmptyLatentImage" && (w.name === "width" || w.name === "height")) w.value = size;
-    if (w.name === "steps" || w.name === "preview_steps") w.value = steps;
+    if (w.name === "steps") w.value = steps;
   }
   app.graph.setDirtyCanvas(true, true);
 }
@@ -201,33 +207,73 @@ NODE_IMAGES_JS = r"""
 """
 
 
+# Warning and error toasts ("Invalid workflow against zod schema", "Prompt outputs failed
+# validation", ...) and open dialogs (missing nodes or models, error reports).
+ALERTS_JS = r"""
+() => ({
+  toasts: [...document.querySelectorAll(".p-toast-message")]
+    .filter((e) => /p-toast-message-(error|warn)/.test(e.className)).map((e) => e.innerText.slice(0, 800)),
+  dialogs: [...document.querySelectorAll(".p-dialog")].filter((e) => e.getClientRects().length)
+    .map((e) => e.innerText.slice(0, 800)),
+})
+"""
+
+CLOSE_ALERTS_JS = r"""
+() => {
+  for (const b of document.querySelectorAll(".p-toast-close-button, .p-dialog .p-dialog-close-button")) b.click();
+}
+"""
+
+
+def assert_no_alerts(page, when):
+    alerts = page.evaluate(ALERTS_JS)
+    assert alerts == {"toasts": [], "dialogs": []}, f"the front end showed alerts {when}: {alerts}"
+
+
 # -- helpers -------------------------------------------------------------------------------
 
 def load_example(page, name):
     return page.evaluate(DROP_JS, [name, (EXAMPLES / f"{name}.json").read_text()])
 
 
-def screenshot(page, path: Path, crop_graph=False):
+def screenshot(page, path: Path, crop_graph=False, frame=None):
+    """The page; or, with the UI hidden (focus mode), the whole graph fitted to the canvas
+    (crop_graph) or a square around the nodes of the types in ``frame``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if crop_graph:
-        x0, y0, x1, y1 = page.evaluate(FIT_VIEW_JS, 0.92)
-        page.wait_for_timeout(300)
-        vw, vh = page.viewport_size["width"], page.viewport_size["height"]
-        x0, y0 = max(0, x0 - 16), max(0, y0 - 16)
-        x1, y1 = min(vw, x1 + 16), min(vh, y1 + 16)
-        page.screenshot(path=str(path), clip={"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0})
-    else:
+    if not (crop_graph or frame):
         page.screenshot(path=str(path))
+        return path
+    toggle = "() => app.extensionManager.command.execute('Workspace.ToggleFocusMode')"
+    page.evaluate(CLOSE_ALERTS_JS)
+    page.evaluate(toggle)
+    ds = page.evaluate("() => ({scale: app.canvas.ds.scale, offset: [...app.canvas.ds.offset]})")
+    try:
+        page.wait_for_timeout(400)
+        if frame:
+            x0, y0, x1, y1 = page.evaluate(FRAME_JS, [frame, 1.12])
+            pad = 0
+        else:
+            x0, y0, x1, y1 = page.evaluate(FIT_VIEW_JS, 0.92)
+            pad = 16
+        page.wait_for_timeout(400)
+        vw, vh = page.viewport_size["width"], page.viewport_size["height"]
+        x0, y0 = max(0, x0 - pad), max(0, y0 - pad)
+        x1, y1 = min(vw, x1 + pad), min(vh, y1 + pad)
+        page.screenshot(path=str(path), clip={"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0})
+    finally:
+        page.evaluate(toggle)
+        page.evaluate("(ds) => { app.canvas.ds.scale = ds.scale; app.canvas.ds.offset = ds.offset; "
+                      "app.canvas.setDirty(true, true); }", ds)
     return path
 
 
-def write_thumbnail(png: Path, jpg: Path, size=640):
-    """A square JPG (the templates browser shows .jpg thumbnails in square cards)."""
+def write_thumbnail(png: Path, jpg: Path, size=512):
+    """A square JPG (the templates browser shows .jpg thumbnails, in square cards)."""
     img = Image.open(png).convert("RGB")
     side = max(img.size)
     square = Image.new("RGB", (side, side), img.getpixel((2, 2)))
     square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-    square.resize((size, size), Image.LANCZOS).save(jpg, "JPEG", quality=85, optimize=True)
+    square.resize((size, size), Image.LANCZOS).save(jpg, "JPEG", quality=88, optimize=True)
 
 
 def write_doc_image(png: Path, dest: Path, max_width=1400):
@@ -252,6 +298,41 @@ def expected_info_text(lam, beta):
 
 def node_of(data, node_type):
     return [n for n in data["nodes"] if n["type"] == node_type]
+
+
+# -- the prompt check itself (no browser) ----------------------------------------------------
+
+FAKE_INFO = {
+    "Loader": {"input": {"required": {"name": [["a.safetensors", "b.safetensors"], {}]}}, "output": ["MODEL", "CLIP"]},
+    "Sampler": {"input": {"required": {"model": ["MODEL", {}], "steps": ["INT", {"min": 1, "max": 100}],
+                                       "lambda": ["FLOAT", {"min": 0.0, "max": 10.0}],
+                                       "mode": ["COMBO", {"options": ["x", "y"]}]},
+                          "optional": {"labels": ["STRING", {"forceInput": True}]}},
+                "output": ["LATENT"]},
+}
+GOOD_PROMPT = {"1": {"class_type": "Loader", "inputs": {"name": "a.safetensors"}},
+               "2": {"class_type": "Sampler", "inputs": {"model": ["1", 0], "steps": 4, "lambda": 1.5, "mode": "x"}}}
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda p: p["2"]["inputs"].__setitem__("lam", p["2"]["inputs"].pop("lambda")), "'lam' is not an input"),
+    (lambda p: p["2"]["inputs"].pop("steps"), "required input 'steps' is missing"),
+    (lambda p: p["2"]["inputs"].__setitem__("steps", 0), "below its minimum"),
+    (lambda p: p["2"]["inputs"].__setitem__("steps", 2.5), "not an integer"),
+    (lambda p: p["2"]["inputs"].__setitem__("lambda", 11.0), "above its maximum"),
+    (lambda p: p["2"]["inputs"].__setitem__("mode", "z"), "'mode' = 'z' is not one of"),
+    (lambda p: p["1"]["inputs"].__setitem__("name", "c.safetensors"), "is not one of its 2 choices"),
+    (lambda p: p["2"]["inputs"].__setitem__("model", ["1", 1]), "(MODEL) is linked to output 1 of Loader (CLIP)"),
+    (lambda p: p["2"]["inputs"].__setitem__("model", ["9", 0]), "node 9, which is not in the prompt"),
+    (lambda p: p["2"]["inputs"].__setitem__("labels", "typed in"), "must be linked (forceInput)"),
+    (lambda p: p["2"].__setitem__("class_type", "SamplerV2"), "class_type is not in /object_info"),
+])
+def test_prompt_problems_finds(change, expected):
+    assert prompt_problems(GOOD_PROMPT, FAKE_INFO) == []
+    prompt = json.loads(json.dumps(GOOD_PROMPT))
+    change(prompt)
+    problems = prompt_problems(prompt, FAKE_INFO)
+    assert any(expected in p for p in problems), problems
 
 
 # -- the server's template routes ---------------------------------------------------------
@@ -280,12 +361,16 @@ def test_workflow_template_routes(server):
 def test_example_workflow_in_browser(name, ui, server, object_info):
     page, console = ui
     console.mark()
+    page.evaluate(CLOSE_ALERTS_JS)  # left open by an earlier test that failed
+    page.wait_for_timeout(300)
+    assert_no_alerts(page, "before the workflow was loaded")
     data = json.loads((EXAMPLES / f"{name}.json").read_text())
 
     # 1. drop the file on the canvas
     seen = load_example(page, name)
     assert seen["missingNodes"] == [], f"the front end reports missing nodes: {seen['missingNodes']}"
     assert seen["missingModels"] == [], f"the front end reports missing models: {seen['missingModels']}"
+    assert_no_alerts(page, f"when {name} was loaded")
     state = page.evaluate(STATE_JS)
     assert sorted(n["type"] for n in state["nodes"]) == sorted(n["type"] for n in data["nodes"])
     loaded = {n["id"]: n for n in state["nodes"]}
@@ -323,7 +408,10 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
         beta = next(w["value"] for w in loaded[pair["id"]]["widgets"] if w["name"] == "beta")
         assert box["visible"] and box["w"] > 50 and box["h"] > 5, box
         assert box["text"] == expected_info_text(lam, beta)
-    shot = screenshot(page, SHOTS / f"{name}-loaded.png", crop_graph=True)
+    loaded_shot = screenshot(page, SHOTS / f"{name}-loaded.png", crop_graph=True)
+    frame_types, thumb_after_run = THUMBNAILS[name]
+    if not thumb_after_run:
+        thumb = screenshot(page, SHOTS / f"{name}-thumbnail.png", frame=frame_types)
 
     # 3. the API prompt the front end makes, against /object_info
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
@@ -375,13 +463,17 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
         page.wait_for_function("(t) => [...document.querySelectorAll('.deradiff-beta')].some((e) => e.textContent === t)",
                                arg=text, timeout=10_000)
     page.wait_for_timeout(300)
+    assert_no_alerts(page, f"when {name} ran")
     ran = screenshot(page, SHOTS / f"{name}-ran.png", crop_graph=True)
+    if thumb_after_run:
+        thumb = screenshot(page, SHOTS / f"{name}-thumbnail.png", frame=frame_types)
     assert console.errors() == [], f"errors while running {name}: {console.errors()}"
     print(f"{name}: ran in {run_s:.1f} s")
 
     if UPDATE_IMAGES:
-        write_thumbnail(shot, EXAMPLES / f"{name}.jpg")
-        write_doc_image(ran, DOCS / f"{name}.png")
+        write_thumbnail(thumb, EXAMPLES / f"{name}.jpg")
+        if name in DOC_IMAGES:
+            write_doc_image(loaded_shot if DOC_IMAGES[name] == "loaded" else ran, DOCS / f"{name}.png")
 
 
 # -- the templates browser ------------------------------------------------------------------
@@ -389,24 +481,34 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
 def test_templates_browser_lists_and_loads_the_examples(ui, server):
     page, console = ui
     console.mark()
+    page.evaluate(CLOSE_ALERTS_JS)
     page.evaluate("() => app.graph.clear()")
+    fetched = {}
+    prefix = f"/api/workflow_templates/{PACK_DIR_NAME}/"
+    page.on("response", lambda r: prefix in r.url and fetched.__setitem__(r.url.split(prefix)[1], r.status))
     page.locator("button:has-text('Templates'), [aria-label*='Templates']").first.click()
-    nav = page.get_by_text(PACK_DIR_NAME, exact=True).first
+    nav = page.locator(".p-dialog").get_by_text(PACK_DIR_NAME, exact=True).first
     nav.wait_for(timeout=30_000)
     nav.click()
     for name in EXAMPLE_NAMES:
-        page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
+        page.locator(".p-dialog").get_by_text(name, exact=True).first.wait_for(timeout=30_000)
+    # every card shows its thumbnail: fetched from the pack's template route and decoded
     page.wait_for_function(
-        "(names) => names.every((n) => [...document.querySelectorAll('img')].some("
-        "(i) => i.src.endsWith(`/${n}.jpg`) && i.complete && i.naturalWidth > 0))",
-        arg=EXAMPLE_NAMES, timeout=30_000)
-    screenshot(page, SHOTS / "templates-browser.png")
+        "(n) => [...document.querySelectorAll('.p-dialog img')].filter((i) => i.complete && i.naturalWidth > 0).length >= n",
+        arg=len(EXAMPLE_NAMES), timeout=30_000)
+    assert {k: v for k, v in fetched.items() if k.endswith(".jpg")} == {f"{n}.jpg": 200 for n in EXAMPLE_NAMES}, fetched
+    page.wait_for_timeout(300)
+    page.locator(".p-dialog").first.screenshot(path=str(SHOTS / "templates-browser.png"))
     if UPDATE_IMAGES:
         write_doc_image(SHOTS / "templates-browser.png", DOCS / "templates_browser.png")
-    name = "deradiff_sd15_dpo"
-    page.get_by_text(name, exact=True).first.click()
-    page.wait_for_function("(n) => app.graph.nodes.length === n", arg=len(json.loads(
-        (EXAMPLES / f"{name}.json").read_text())["nodes"]), timeout=30_000)
+    # a click on a card loads that workflow
+    name = "deradiff_lambda_sweep_grid"
+    data = json.loads((EXAMPLES / f"{name}.json").read_text())
+    page.locator(".p-dialog").get_by_text(name, exact=True).first.click()
+    page.wait_for_function("(n) => app.graph.nodes.length === n", arg=len(data["nodes"]), timeout=30_000)
+    page.wait_for_timeout(500)
+    assert fetched.get(f"{name}.json") == 200, fetched
     types = page.evaluate("() => app.graph.nodes.map((n) => n.type).sort()")
-    assert types == sorted(n["type"] for n in json.loads((EXAMPLES / f"{name}.json").read_text())["nodes"])
+    assert types == sorted(n["type"] for n in data["nodes"])
+    assert_no_alerts(page, "when a template was loaded")
     assert console.errors() == [], console.errors()
