@@ -1,6 +1,8 @@
 """Shared input definitions and error wording for the node classes."""
 from __future__ import annotations
 
+from ..sampler.plots import fmt_number
+
 CATEGORY = "sampling/DeRaDiff"
 PAIR_TYPE = "DERADIFF_PAIR"
 SCHEDULE_TYPE = "DERADIFF_SCHEDULE"
@@ -59,8 +61,8 @@ def emulated_beta_text(beta, lam: float) -> str:
     if not beta:
         return f"λ = {lam:g}"
     if lam == 0:
-        return f"λ = 0: the reference model (β/λ = ∞, aligned at β = {beta:g})"
-    return f"λ = {lam:g}: emulates β/λ = {beta / lam:.4g} (aligned at β = {beta:g})"
+        return f"λ = 0: the reference model (β/λ = ∞, trained at β = {beta:g})"
+    return f"λ = {lam:g}: emulates β/λ = {fmt_number(beta / lam)} (trained at β = {beta:g})"
 
 
 def sampler_inputs():

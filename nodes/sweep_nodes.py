@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from ..sampler.plots import labelled_grid
+from ..sampler.plots import fmt_number, labelled_grid
 from ..sampler.realign_model import realigned_model
 from ..sampler.schedules import parse_values
 from ..sampler.sweep import lambda_sweep
@@ -17,7 +17,7 @@ PAIR_INPUT = (PAIR_TYPE, {"tooltip": "The reference + aligned model pair."})
 def sweep_label(lam: float, beta) -> str:
     if not beta:
         return f"λ={lam:g}"
-    return f"λ={lam:g}  β/λ={'∞' if lam == 0 else f'{beta / lam:.4g}'}"
+    return f"λ={lam:g}  β/λ={'∞' if lam == 0 else fmt_number(beta / lam)}"
 
 
 class DeRaDiffLambdaSweep:

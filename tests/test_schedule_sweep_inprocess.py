@@ -64,10 +64,12 @@ def test_schedule_is_evaluated_from_the_sigma_of_every_call(sd15, pack, monkeypa
         lam = sched.at_progress(progress_at(sigma, sigmas))
         lams.append(lam)
         if lam == 0.0:
-            torch.testing.assert_close(out, seen_ref[ref_i]); ref_i += 1
+            torch.testing.assert_close(out, seen_ref[ref_i])
+            ref_i += 1
             continue
         expected = (1 - lam) * seen_ref[ref_i] + lam * seen_al[al_i]
-        ref_i += 1; al_i += 1
+        ref_i += 1
+        al_i += 1
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4 * float(expected.abs().max()))
     assert ref_i == len(seen_ref) and al_i == len(seen_al)
     assert lams[0] == pytest.approx(1.5) and all(a >= b - 1e-6 for a, b in zip(lams, lams[1:]))
