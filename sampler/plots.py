@@ -84,13 +84,17 @@ def labelled_grid(images: np.ndarray, labels: list[str], columns: int = 0) -> np
     columns = columns or (n if n <= 8 else math.ceil(math.sqrt(n)))  # a sweep reads best as one row
     rows = math.ceil(n / columns)
     font = _font(max(10, min(18, w // 14)))
-    strip = int(font.size * 1.8) if hasattr(font, "size") else 20
+    texts = [_text(font, labels[i]) if i < len(labels) else "" for i in range(n)]
+    # a label wider than its tile goes on one line per part ("λ=…", "β/λ=…")
+    lines = [t.split("  ") if font.getlength(t) > w - 6 else [t] for t in texts]
+    line_h = int(getattr(font, "size", 11) * 1.3)
+    strip = line_h * max(len(l) for l in lines) + 6
     grid = Image.new("RGB", (columns * w, rows * (h + strip)), (16, 16, 16))
     draw = ImageDraw.Draw(grid)
     for i in range(n):
         r, col = divmod(i, columns)
         tile = Image.fromarray(np.clip(images[i, ..., :3] * 255.0 + 0.5, 0, 255).astype(np.uint8))
         grid.paste(tile, (col * w, r * (h + strip)))
-        text = labels[i] if i < len(labels) else ""
-        draw.text((col * w + 4, r * (h + strip) + h + 3), _text(font, text), fill=(235, 235, 235), font=font)
+        for j, line in enumerate(lines[i]):
+            draw.text((col * w + 3, r * (h + strip) + h + 3 + j * line_h), line, fill=(235, 235, 235), font=font)
     return np.asarray(grid, dtype=np.float32)[None] / 255.0
