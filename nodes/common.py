@@ -7,6 +7,7 @@ CATEGORY = "sampling/DeRaDiff"
 PAIR_TYPE = "DERADIFF_PAIR"
 SCHEDULE_TYPE = "DERADIFF_SCHEDULE"
 
+PAIR_INPUT = (PAIR_TYPE, {"tooltip": "The reference + aligned model pair, from Load / Make Aligned Model Pair."})
 SCHEDULE_INPUT = (SCHEDULE_TYPE, {"tooltip": "Optional λ schedule (DeRaDiff λ Schedule); when connected it replaces the constant λ."})
 
 LAMBDA_INPUT = ("FLOAT", {

@@ -4,13 +4,11 @@ import logging
 
 from ..sampler.guider import DeRaDiffGuider
 from ..sampler.sampling import realigned_ksampler
-from .common import (CATEGORY, LAMBDA_INPUT, PAIR_TYPE, SCHEDULE_INPUT, check_pair, emulated_beta_text,
+from .common import (CATEGORY, LAMBDA_INPUT, PAIR_INPUT, SCHEDULE_INPUT, check_pair, emulated_beta_text,
                      lambda_or_schedule, sampler_inputs)
 
 log = logging.getLogger("DeRaDiff")
 
-PAIR_INPUT = (PAIR_TYPE, {"tooltip": "The reference + aligned model pair, from Load / Make Aligned "
-                                     "Model Pair."})
 
 
 def _ui_text(pair, lam, schedule_text):

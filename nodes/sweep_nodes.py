@@ -8,10 +8,9 @@ from ..sampler.plots import fmt_number, labelled_grid
 from ..sampler.realign_model import realigned_model
 from ..sampler.schedules import parse_values
 from ..sampler.sweep import lambda_sweep
-from .common import (CATEGORY, LAMBDA_INPUT, PAIR_TYPE, SCHEDULE_INPUT, NodeInputError, check_pair,
+from .common import (CATEGORY, LAMBDA_INPUT, PAIR_INPUT, SCHEDULE_INPUT, NodeInputError, check_pair,
                      lambda_or_schedule, sampler_inputs)
 
-PAIR_INPUT = (PAIR_TYPE, {"tooltip": "The reference + aligned model pair."})
 
 
 def sweep_label(lam: float, beta) -> str:
