@@ -285,3 +285,5 @@ def test_diffusers_layout_unet_loads_as_the_aligned_model(comfy, sd15, pack):
     assert_bit_identical(realign(pack, pair, 1.0, sd15, steps=1), want)
     mixed = realign(pack, pair, 0.5, sd15, steps=1)
     assert torch.isfinite(mixed).all() and not torch.equal(mixed, want)
+    del pair, unet
+    load_unet.cache_clear()  # a full-size UNet: do not keep it for the rest of the session

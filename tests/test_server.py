@@ -739,6 +739,8 @@ def test_diffusers_unet_file_and_folder_through_the_server(comfy_server):
     entry = comfy_server.run(g, timeout=300, expect_success=False)
     message = error_message_of(entry)
     assert "dpo-sd15/unet/" in message and "different model families" in message
+    # the full-size UNets (3.4 GB each) must not stay resident for the rest of the session
+    comfy_server.http.post(comfy_server.base + "/free", json={"unload_models": True, "free_memory": True}, timeout=30)
 
 
 def error_message_of(entry: dict) -> str:

@@ -134,12 +134,26 @@ def test_diffusers_folder_and_shards_and_other_family(comfy, sd15, pack, tmp_pat
     folder_paths.add_model_folder_path("diffusion_models", str(root))
     choices = pack.nodes.pair_nodes.aligned_model_choices()
     assert "diffusion_models/dpo-sd15/unet/" in choices and "diffusion_models/sharded/" in choices
+    import gc
+    import comfy.model_management as mm
+    import comfy_helpers
+
+    def release():  # full-size UNets are 3.4 GB each in fp32: hold one at a time
+        comfy_helpers.load_unet.cache_clear()
+        mm.unload_all_models()
+        gc.collect()
+
+    release()
     loader = pack.nodes.DeRaDiffLoadAlignedPair()
     from_file = loader.load("sd15_reference.safetensors", "diffusion_models/sd15_aligned_diffusers_unet.safetensors")[0]
     want = realign(pack, from_file, 1.0, sd15, steps=1)
+    del from_file
+    release()
     for choice in ("diffusion_models/dpo-sd15/unet/", "diffusion_models/sharded/"):
         pair = loader.load("sd15_reference.safetensors", choice)[0]
         assert_bit_identical(realign(pack, pair, 1.0, sd15, steps=1), want)
+        del pair
+        release()
     with pytest.raises(pack.nodes.common.NodeInputError) as e:
         loader.load("sdxl_reference.safetensors", "diffusion_models/dpo-sd15/unet/")
     msg = str(e.value)
