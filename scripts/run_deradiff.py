@@ -6,6 +6,10 @@ With your own models:
 (--aligned-checkpoint for a full aligned checkpoint). Without --reference it uses small
 generated stand-in models (random weights: the image is noise, but every step is real).
 --compare also times a plain KSampler on the reference and prints the ratio.
+
+It sets up what it needs: a ComfyUI tree (DERADIFF_COMFYUI, or ComfyUI 0.3.75 unpacked into
+.cache/comfyui) and, when they are missing from this Python, that tree's requirements.
+Extra ComfyUI server arguments (e.g. --lowvram): DERADIFF_SERVER_ARGS="--lowvram".
 """
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
 import comfy_server  # noqa: E402
 import comfyui_runtime  # noqa: E402
 
@@ -100,8 +103,8 @@ def main():
     args.width = args.width or default_size
     args.height = args.height or default_size
 
-    root = comfyui_runtime.comfyui_root()
-    comfyui_runtime.install_comfyui(root) if not (root / "main.py").exists() else None
+    root = comfyui_runtime.ensure_runtime()
+    comfyui_runtime.add_to_path(root, cpu=True)  # the stand-ins are written in this process, on the CPU
     workdir = Path(tempfile.mkdtemp(prefix="deradiff-run-"))
     models_dir, ref_name, aligned_choice = link_models(args, workdir / "models")
     with comfy_server.ComfyServer(root, models_dir, workdir / "comfy", cpu=not args.gpu) as server:

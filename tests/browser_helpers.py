@@ -31,9 +31,12 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "example_workflows"
 DOCS = REPO / "docs"
 ARTIFACTS = REPO / "test-artifacts"
-PACK_DIR_NAME = "comfyui-deradiff"  # the folder name scripts/comfy_server.py links the pack under
+sys.path.insert(0, str(REPO / "scripts"))
+from comfy_server import PACK_DIR_NAME  # noqa: E402  (the folder name the launcher links the pack under)
+from run_tests import find_chromium  # noqa: E402
 
-CHROMIUM = os.environ.get("DERADIFF_CHROMIUM", "/usr/bin/chromium")
+# $DERADIFF_CHROMIUM, else /usr/bin/chromium or chromium-browser (scripts/run_tests.py installs Debian's)
+CHROMIUM = find_chromium() or os.environ.get("DERADIFF_CHROMIUM", "/usr/bin/chromium")
 # Debian's Chromium on a machine without a screen or outside network (no browser is downloaded).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -48,7 +51,7 @@ SDXL_DPO = "dpo-sdxl-text2image-v1.safetensors"
 # (github.com/SalesforceAIResearch/DiffusionDPO, launchers/sd15.sh and launchers/sdxl.sh).
 DPO_BETA = 5000.0
 
-# public file name -> (ComfyUI model folder, stand-in in tests/standins.py, download URL)
+# public file name -> (ComfyUI model folder, stand-in in scripts/standins.py, download URL)
 MODEL_FILES = {
     SD15_REF: ("checkpoints", "checkpoints/sd15_reference.safetensors",
                f"{HF}/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.safetensors"),
@@ -438,7 +441,7 @@ def browser_available() -> str | None:
     except ImportError:
         return "the Python package playwright is not installed (pip install playwright; no browser download needed)"
     if not Path(CHROMIUM).exists():
-        return f"{CHROMIUM} is missing (Debian: apt-get install -y chromium)"
+        return f"{CHROMIUM} is missing (python scripts/run_tests.py installs Debian's chromium; or set DERADIFF_CHROMIUM)"
     return None
 
 
@@ -459,8 +462,6 @@ UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
 @contextmanager
 def comfy_with_pack(comfy_root, workdir: Path):
     """The real ComfyUI server with the pack, the public model names linked to the stand-ins."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    sys.path.insert(0, str(REPO / "tests"))
     from comfy_server import ComfyServer
     from standins import ensure_all_standins
 
@@ -481,7 +482,6 @@ def open_front_end(page, url):
 def write_workflows(comfy_root=None):
     """Rebuilds example_workflows/*.json in the real front end."""
     from playwright.sync_api import sync_playwright
-    sys.path.insert(0, str(REPO / "scripts"))
     import comfyui_runtime
     root = comfy_root or comfyui_runtime.comfyui_root()
     work = Path(tempfile.mkdtemp(prefix="deradiff-examples-"))

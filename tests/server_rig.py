@@ -1,20 +1,17 @@
 """A real ComfyUI HTTP server with this pack loaded, for the workflow-level tests.
 
-``comfy_server`` (session scope) starts ``main.py`` of the ComfyUI that conftest's
-``comfy_root`` provides, in a temporary base directory:
+``comfy_server`` (session scope) starts the ComfyUI that conftest's ``comfy_root`` provides
+through the project's one launcher, ``scripts/comfy_server.py`` (read its docstring for the
+layout: the pack symlinked under ``<tmp>/custom_nodes`` and handed to ComfyUI by the
+``custom_nodes:`` key of an extra-model-paths YAML, models from the stand-in folder plus
+``<tmp>/models/<folder>`` for files a test writes while the server runs, output/temp/input/user
+under ``<tmp>``, ``--cpu``, and extra server arguments from ``DERADIFF_SERVER_ARGS``, e.g.
+``DERADIFF_SERVER_ARGS="--cache-ram"``). Previews are asked for as ``latent2rgb``.
 
-- ``<tmp>/custom_nodes/comfyui-deradiff`` is a symlink to this repository, handed to
-  ComfyUI through the ``custom_nodes:`` key of an extra-model-paths YAML (ComfyUI's
-  own ``custom_nodes/`` folder is left untouched);
-- models come from the stand-in folder (``checkpoints``, ``diffusion_models``, ``loras``),
-  plus ``<tmp>/models/diffusion_models`` for files a test writes while the server runs;
-- output, temp, input and user directories are all under ``<tmp>``.
-
-The fixture yields a :class:`ComfyServer` client (``requests`` for HTTP, ``aiohttp`` for
-the websocket) and terminates the server at the end of the session. The server's
-stdout + stderr go to ``<tmp>/server.log`` (copied to ``test-artifacts/comfy-server.log``
-at the end); set DERADIFF_SERVER_LOG_KEEP=1 to leave the
-temporary directory in place afterwards.
+The fixture yields a :class:`ServerClient` (``requests`` for HTTP, ``aiohttp`` for the websocket)
+and stops the server at the end of the session. The server's stdout + stderr go to
+``<tmp>/server.log`` (copied to ``test-artifacts/comfy-server.log`` at the end); set
+DERADIFF_SERVER_LOG_KEEP=1 to leave the temporary directory in place afterwards.
 """
 from __future__ import annotations
 
@@ -22,10 +19,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -34,10 +27,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from comfy_server import PACK_DIR_NAME, ComfyServer  # noqa: F401  (PACK_DIR_NAME: re-exported for the tests)
 from conftest import REPO, STANDIN_DIR, ensure_all_standins
-
-PACK_DIR_NAME = "comfyui-deradiff"
-STARTUP_TIMEOUT = 180.0
 
 
 class PromptFailed(AssertionError):
@@ -49,35 +40,19 @@ class PromptFailed(AssertionError):
         self.response = response
 
 
-def _die_with_parent():
-    """preexec_fn: the server gets SIGTERM if the test process dies without its teardown
-    (killed by a timeout, for example). Linux only; elsewhere a no-op."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+class ServerClient:
+    """Client for the test server: HTTP helpers, history and websocket messages, on top of
+    the launcher (``server``, a started scripts/comfy_server.py ComfyServer)."""
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ComfyServer:
-    """Client for the test server: HTTP helpers, history and websocket messages."""
-
-    def __init__(self, base: str, root: Path, log_path: Path, process: subprocess.Popen):
-        self.base = base
-        self.root = root
-        self.log_path = log_path
-        self.process = process
-        self.output_dir = root / "output"
-        self.input_dir = root / "input"
-        self.extra_diffusion_models = root / "models" / "diffusion_models"
+    def __init__(self, server: ComfyServer):
+        self.server = server
+        self.base = server.url
+        self.root = server.workdir
+        self.log_path = server.log_path
+        self.process = server.process
+        self.output_dir = server.output_dir
+        self.input_dir = server.input_dir
+        self.extra_diffusion_models = server.extra_models / "diffusion_models"
         self.client_id = uuid.uuid4().hex
         self.http = requests.Session()
 
@@ -152,9 +127,7 @@ class ComfyServer:
         return paths
 
     def check_alive(self):
-        if self.process.poll() is not None:
-            raise RuntimeError(f"the ComfyUI server exited with {self.process.returncode}; "
-                               f"log tail:\n{self.log_text()[-4000:]}")
+        self.server.check_alive()
 
     # -- websocket ------------------------------------------------------------
     def ws_run(self, graph: dict, on_message=None, timeout: float = 180.0) -> tuple[str, list]:
@@ -233,71 +206,22 @@ def error_message(entry: dict) -> str:
     return f"{err.get('node_type')} (node {err.get('node_id')}): {err.get('exception_type')}: {err.get('exception_message')}"
 
 
-def _write_paths_yaml(path: Path, custom_nodes: Path, extra_diffusion_models: Path):
-    # base_path joins with relative entries; absolute entries (custom_nodes, the tmp
-    # diffusion_models folder) are taken as they are by os.path.join.
-    path.write_text(
-        "deradiff_tests:\n"
-        f"    base_path: {json.dumps(str(STANDIN_DIR))}\n"
-        "    checkpoints: checkpoints\n"
-        "    loras: loras\n"
-        "    diffusion_models: |\n"
-        "        diffusion_models\n"
-        f"        {extra_diffusion_models}\n"
-        f"    custom_nodes: {json.dumps(str(custom_nodes))}\n")
-
-
 @pytest.fixture(scope="session")
 def comfy_server(comfy_root):
     ensure_all_standins()
     root = Path(tempfile.mkdtemp(prefix="deradiff-server-"))
-    custom_nodes = root / "custom_nodes"
-    custom_nodes.mkdir()
-    (custom_nodes / PACK_DIR_NAME).symlink_to(REPO, target_is_directory=True)
-    for sub in ("output", "temp", "input", "user", "models/diffusion_models"):
-        (root / sub).mkdir(parents=True)
-    paths_yaml = root / "extra_model_paths.yaml"
-    _write_paths_yaml(paths_yaml, custom_nodes, root / "models" / "diffusion_models")
-
-    port = _free_port()
-    log_path = root / "server.log"
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--disable-auto-launch", "--extra-model-paths-config", str(paths_yaml),
-           "--output-directory", str(root / "output"), "--temp-directory", str(root / "temp"),
-           "--input-directory", str(root / "input"), "--user-directory", str(root / "user"),
-           "--preview-method", "latent2rgb"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, cwd=str(comfy_root), stdout=log, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-    server = ComfyServer(f"http://127.0.0.1:{port}", root, log_path, proc)
+    server = ComfyServer(comfy_root, STANDIN_DIR, root, extra_args=["--preview-method", "latent2rgb"],
+                         log_name="server.log")
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            server.check_alive()
-            try:
-                if requests.get(server.base + "/object_info", timeout=10).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ComfyUI did not answer /object_info in {STARTUP_TIMEOUT} s; "
-                                   f"log tail:\n{server.log_text()[-4000:]}")
-            time.sleep(0.5)
-        yield server
+        server.start()
+        yield ServerClient(server)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=20)
-        log.close()
+        server.stop()
         # the log outlives the temporary directory, for a failed run's post-mortem
         artifacts = REPO / "test-artifacts"
         artifacts.mkdir(exist_ok=True)
-        shutil.copyfile(log_path, artifacts / "comfy-server.log")
+        if server.log_path.exists():
+            shutil.copyfile(server.log_path, artifacts / "comfy-server.log")
         if os.environ.get("DERADIFF_SERVER_LOG_KEEP"):
             print(f"\nComfyUI test server files kept in {root}")
         else:

@@ -2,7 +2,10 @@
 
 The UNets are tiny but carry the config keys ComfyUI's model detection matches on;
 the text encoders are full-size (ComfyUI sizes them from the family, not the file)
-with random weights; the VAE is TAESD-sized. Needs ComfyUI importable (``comfy``).
+with random weights; the VAE is TAESD-sized. Shared by the headless demo
+(scripts/run_deradiff.py), the benchmarks and the tests. Writing a stand-in needs ComfyUI's
+``comfy`` package: when it is not importable yet, ``ensure_standin`` puts the ComfyUI of
+``comfyui_runtime.comfyui_root()`` on ``sys.path`` first (CPU unless a GPU is present).
 
 Random weights are drawn so that the networks do something: norm scales near 1,
 other weights ~ N(0, 1/fan_in). Two stand-ins with different seeds therefore give
@@ -179,10 +182,19 @@ ON_DEMAND = {
 }
 
 
+def _comfy_importable():
+    """Makes ``import comfy`` work (ComfyUI on sys.path) unless it already does."""
+    import importlib.util
+    if importlib.util.find_spec("comfy") is None:
+        import comfyui_runtime  # same folder; on sys.path wherever this module is imported from
+        comfyui_runtime.add_to_path()
+
+
 def ensure_standin(name: str) -> Path:
     path = STANDIN_DIR / name
     if path.exists():
         return path
+    _comfy_importable()
     kind, family, seed, extra = {**STANDINS, **ON_DEMAND}[name]
     tmp = path.with_suffix(".partial")
     writer = {"checkpoint": write_checkpoint, "unet": write_unet,
