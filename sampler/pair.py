@@ -1,15 +1,17 @@
 """The model pair: a reference ModelPatcher and one aligned at some beta."""
 from __future__ import annotations
 
-import copy
+import inspect
 import logging
-import uuid
 from dataclasses import dataclass, field
 
 import torch
 
+import comfy.float
 import comfy.lora
+import comfy.model_base
 import comfy.model_management
+import comfy.model_patcher
 import comfy.model_sampling
 import comfy.utils
 
@@ -106,10 +108,53 @@ def check_compatible(reference, aligned, reference_name: str, aligned_name: str)
     if same and sig_r is not None and sig_a is not None:
         same = sig_r.shape == sig_a.shape and torch.allclose(sig_r, sig_a, rtol=1e-5, atol=1e-7)
     if not same:
-        raise PairError(
-            f"{who} use different noise schedules ({kind_r} sigma {lo_r:.4g}..{hi_r:.4g} vs "
-            f"{kind_a} sigma {lo_a:.4g}..{hi_a:.4g}). DeRaDiff mixes the two models at the same "
-            "noise level; remove any ModelSampling patch that applies to only one of them.")
+        raise PairError(f"{who} use different noise schedules: {_schedule_origin(reference, 'reference')} vs "
+                        f"{_schedule_origin(aligned, 'aligned model')}. DeRaDiff mixes the two models at the "
+                        f"same noise level. {_schedule_advice(reference, aligned)}")
+
+
+_PREDICTIONS = (("V_PREDICTION_EDM", "v-prediction (EDM)"), ("V_PREDICTION_CONTINUOUS", "v-prediction (continuous)"),
+                ("V_PREDICTION", "v-prediction"), ("EDM", "EDM"), ("EPS", "eps-prediction"),
+                ("CONST", "flow (rectified)"), ("X0", "x0-prediction"), ("IMG_TO_IMG", "image-to-image"))
+
+
+def _prediction(ms) -> str:
+    for name, label in _PREDICTIONS:
+        cls = getattr(comfy.model_sampling, name, None)
+        if cls is not None and isinstance(ms, cls):
+            return label
+    return type(ms).__name__
+
+
+def _sampling_patched(patcher) -> bool:
+    return "model_sampling" in getattr(patcher, "object_patches", {})
+
+
+def _schedule_origin(patcher, role) -> str:
+    """What the schedule is and where it comes from, e.g. "the reference: v-prediction,
+    zero-terminal SNR, sigma 0.0292..4.5e+03, from a ModelSampling patch"."""
+    ms = patcher.get_model_object("model_sampling")
+    kind, sigmas, lo, hi = _schedule(patcher)
+    parts = [_prediction(ms)]
+    if kind == "diffusion":
+        # ComfyUI's zero-terminal-SNR rescale leaves a final sigma of about 4.5e3 (a normal
+        # SD schedule ends near 14.6)
+        parts.append("zero-terminal SNR" if hi > 1000.0 else "no zero-terminal SNR")
+    parts.append(f"sigma {lo:.4g}..{hi:.4g}")
+    parts.append("from a ModelSampling patch" if _sampling_patched(patcher) else "from its checkpoint")
+    return f"the {role}: " + ", ".join(parts)
+
+
+def _schedule_advice(reference, aligned) -> str:
+    patched = [name for name, p in (("reference", reference), ("aligned model", aligned)) if _sampling_patched(p)]
+    if len(patched) == 1:
+        return (f"Only the {patched[0]} has a ModelSampling patch: remove it, or apply the same ModelSampling "
+                "node with the same settings to both models.")
+    if patched:
+        return "Both models have ModelSampling patches with different settings: give both the same settings."
+    return ("Both schedules come from the checkpoints themselves (one was trained with another prediction type "
+            "or zero-terminal SNR): pick an aligned model fine-tuned with the reference's schedule, or apply "
+            "the same ModelSampling node (same settings) to both models.")
 
 
 def make_pair(reference, aligned, beta=None, reference_name="reference", aligned_name="aligned") -> AlignedPair:
@@ -117,51 +162,93 @@ def make_pair(reference, aligned, beta=None, reference_name="reference", aligned
     return AlignedPair(reference, aligned, beta if beta and beta > 0 else None, reference_name, aligned_name)
 
 
-def separate_copy(patcher):
-    """A ModelPatcher over its own copy of the base model with the patches merged in.
+def _patcher_class(patcher):
+    """The class comfy.sd wraps a freshly loaded model in: CoreModelPatcher (ModelPatcherDynamic
+    when Dynamic VRAM is on, in ComfyUI versions that have it), or ModelPatcher."""
+    core = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    is_dynamic = getattr(patcher, "is_dynamic", None)
+    if is_dynamic is not None and not is_dynamic():
+        return comfy.model_patcher.ModelPatcher  # the aligned model was loaded without Dynamic VRAM
+    return core
 
-    Used when reference and aligned are clones of one model: ComfyUI patches
-    weights in place, so the two could otherwise never be resident together.
+
+def _merged_weight(patcher, key, chain, device):
+    """``key``'s weight with the clone's patches merged out of place, in the layer's stored format,
+    as ComfyUI's own merge (ModelPatcher.patch_weight_to_device) computes it."""
+    original, convert = chain[0]
+    _, set_func, _ = comfy.model_patcher.get_key_weight(patcher.model, key)
+    weight = convert(original.to(torch.float32, copy=True), inplace=True)
+    weight = comfy.lora.calculate_weight(chain[1:], weight, key)
+    from .shared_weights import string_to_seed
+    seed = string_to_seed(key)
+    if set_func is not None:
+        weight = set_func(weight, seed=seed, return_weight=True)
+    else:
+        weight = comfy.float.stochastic_rounding(weight, original.dtype, seed=seed)
+    return weight.to(device)
+
+
+def separate_copy(patcher):
+    """A new ModelPatcher over its own BaseModel, holding ``patcher``'s weights with its patches
+    merged in.
+
+    Used when reference and aligned are clones of one model but the aligned side cannot share
+    the reference's weights: ComfyUI patches weights (and object patches) in place, so the two
+    could otherwise never be resident together. The copy is built through ComfyUI's public
+    loading path, as comfy.sd does: a fresh BaseModel from the model config, loaded with the
+    ORIGINAL weights (``get_key_patches``: the unpatched weight heads each chain) merged with the
+    clone's patches out of place, wrapped in the patcher class comfy.sd uses (so under Dynamic
+    VRAM it is a ModelPatcherDynamic with its own host buffers). The base model's current
+    parameters and objects, which other clones may have patched in place, are never read. The
+    clone's object patches, model options, wrappers, callbacks, attachments, injections and
+    additional models are carried over through public methods.
     """
     base = patcher.model
-    key_patches = patcher.get_key_patches()  # original weights (unpatched) + this clone's patches
-    memo = {id(base.model_config): base.model_config}
-    if getattr(base, "current_patcher", None) is not None:
-        memo[id(base.current_patcher)] = None
+    config = base.model_config
+    prefix = "diffusion_model."
+    offload = patcher.offload_device
+    cls = _patcher_class(patcher)
+    state_dict, merged = {}, set()
     with torch.no_grad():
-        model = copy.deepcopy(base, memo)
-        touched = set(patcher.patches) | set(patcher.backup) | set(patcher.hook_backup)
-        for key, chain in key_patches.items():
-            if key not in touched:
-                continue  # never patched in place: the deep copy already holds it
-            original, convert = chain[0]
-            target = comfy.utils.get_attr(model, key)
-            weight = convert(original.to(torch.float32, copy=True), inplace=True)
+        for key, chain in patcher.get_key_patches(prefix).items():
             if len(chain) > 1:
-                weight = comfy.lora.calculate_weight(chain[1:], weight, key)
-            comfy.utils.set_attr_param(model, key, weight.to(device=patcher.offload_device, dtype=target.dtype))
-    for m in model.modules():
-        if hasattr(m, "weight_function"):
-            m.weight_function = []
-            m.bias_function = []
-        if hasattr(m, "comfy_patched_weights"):
-            m.comfy_patched_weights = False
-    model.current_patcher = None
-    model.current_weight_patches_uuid = None
-    model.model_loaded_weight_memory = 0
-    model.model_lowvram = False
-    model.lowvram_patch_counter = 0
-    model.device = patcher.offload_device
-    model.to(patcher.offload_device)
+                state_dict[key] = _merged_weight(patcher, key, chain, offload)
+                merged.add(key)
+            else:
+                state_dict[key] = chain[0][0]
+        model = config.get_model(state_dict, prefix, device=offload)
+        copy_ = cls(model, load_device=patcher.load_device, offload_device=offload)
+        if "assign" in inspect.signature(model.load_model_weights).parameters:
+            assign = bool(getattr(copy_, "is_dynamic", lambda: False)())
+            if assign:  # the new model takes the tensors: give it its own, never the original's
+                for key in state_dict.keys() - merged:
+                    state_dict[key] = state_dict[key].to(offload, copy=True)
+            model.load_model_weights(state_dict, prefix, assign=assign)
+        else:  # loading copies the values into the new model's parameters
+            model.load_model_weights(state_dict, prefix)
+    del state_dict
 
-    copy_patcher = patcher.clone()
-    copy_patcher.model = model
-    copy_patcher.size = 0
-    copy_patcher.patches = {}
-    copy_patcher.backup = {}
-    copy_patcher.object_patches_backup = {}
-    copy_patcher.hook_backup = {}
-    copy_patcher.pinned = set()
-    copy_patcher.parent = None
-    copy_patcher.patches_uuid = uuid.uuid4()
-    return copy_patcher
+    # the prediction type can come from keys of the checkpoint that are not model weights
+    # (v_pred, ztsnr in SDXL files): keep the original model's own sampling object
+    original_type = getattr(base, "model_type", None)
+    if original_type is not None and getattr(model, "model_type", None) != original_type:
+        copy_.add_object_patch("model_sampling", comfy.model_base.model_sampling(config, original_type))
+    for name, obj in patcher.object_patches.items():
+        copy_.add_object_patch(name, obj)
+    copy_.model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
+    for wrapper_type, by_key in getattr(patcher, "wrappers", {}).items():
+        for key, wrappers in by_key.items():
+            for wrapper in wrappers:
+                copy_.add_wrapper_with_key(wrapper_type, key, wrapper)
+    for call_type, by_key in getattr(patcher, "callbacks", {}).items():
+        for key, callbacks in by_key.items():
+            for callback in callbacks:
+                copy_.add_callback_with_key(call_type, key, callback)
+    for key, attachment in getattr(patcher, "attachments", {}).items():
+        copy_.set_attachments(key, attachment.on_model_patcher_clone()
+                              if hasattr(attachment, "on_model_patcher_clone") else attachment)
+    for key, injections in getattr(patcher, "injections", {}).items():
+        copy_.set_injections(key, list(injections))
+    for key, models in getattr(patcher, "additional_models", {}).items():
+        copy_.set_additional_models(key, [m.clone() for m in models])
+    return copy_

@@ -8,17 +8,37 @@ During the aligned pass:
 - plain low-rank LoRA updates are applied in activation space, y = W x + s·up(down(x)),
   by a forward hook: no weight is copied and the extra work is O(rank), far below the
   layer's own cost (measured: benchmarks/bench_shared_weights.py);
-- every other patch type (LoHa, LoKr, DoRA, full differences, ...) goes through ComfyUI's
-  own on-the-fly weight patch (LowVramPatch, its low-VRAM mechanism), so the patched
-  weight of one layer exists only while that layer runs.
+- every other patch type (LoHa, LoKr, DoRA, full differences, ...) is computed by a
+  per-layer weight function (the slot ComfyUI's own on-the-fly patches use) into a NEW
+  tensor with ``comfy.lora.calculate_weight``: the weight it receives is never written
+  (under Dynamic VRAM that tensor can be the cached device copy of the reference's weight),
+  and layers that store their weight in scaled units (scaled-fp8 checkpoints in ComfyUI
+  0.3.x) are patched in real units through the layer's own convert/set functions, as
+  ComfyUI's merge does. The patched weight of one layer exists only while that layer runs.
+
+Device copies of the LoRA factors live only for one sampling run: they are dropped by an
+ON_CLEANUP callback on the patcher that runs sampling, so nothing stays on the GPU outside
+ComfyUI's memory management.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
+import comfy.lora
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.utils
+
+_CLEANUP_KEY = "deradiff_shared_weights"
+
+
+def string_to_seed(key):
+    """ComfyUI's per-key rounding seed (comfy.utils in 0.33, comfy.model_patcher in 0.3.x)."""
+    fn = getattr(comfy.utils, "string_to_seed", None) or comfy.model_patcher.string_to_seed
+    return fn(key)
 
 
 class SharedWeightsUnavailable(Exception):
@@ -30,7 +50,8 @@ def delta_patches(reference, aligned) -> dict:
     if not reference.is_clone(aligned):
         raise SharedWeightsUnavailable("the two MODELs are different base models")
     if reference.object_patches.keys() != aligned.object_patches.keys() or any(
-            reference.object_patches[k] is not aligned.object_patches[k] for k in reference.object_patches):
+            not equivalent_objects(reference.object_patches[k], aligned.object_patches[k])
+            for k in reference.object_patches):
         raise SharedWeightsUnavailable("the aligned MODEL replaces model objects the reference does not")
     delta = {}
     for key, patches in aligned.patches.items():
@@ -45,6 +66,77 @@ def delta_patches(reference, aligned) -> dict:
     if not delta:
         raise SharedWeightsUnavailable("the aligned MODEL adds no patches: it is the reference itself")
     return delta
+
+
+_CLASS_BOOKKEEPING = {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__firstlineno__",
+                      "__static_attributes__", "__orig_bases__", "__parameters__"}
+
+
+def _same_function(a, b, depth) -> bool:
+    if a is b:
+        return True
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    if code_a is None or code_a is not code_b:
+        return False
+    cells_a, cells_b = a.__closure__ or (), b.__closure__ or ()
+    return len(cells_a) == len(cells_b) and all(
+        _equivalent(x.cell_contents, y.cell_contents, depth + 1) for x, y in zip(cells_a, cells_b))
+
+
+def _same_type(ta, tb, depth) -> bool:
+    """Equal types, or two instances of one class statement (nodes such as
+    ModelSamplingDiscrete define their class inside the node function, once per call)."""
+    if ta is tb:
+        return True
+    if (ta.__qualname__ != tb.__qualname__ or ta.__module__ != tb.__module__
+            or ta.__bases__ != tb.__bases__):
+        return False
+    da = {k: v for k, v in vars(ta).items() if k not in _CLASS_BOOKKEEPING}
+    db = {k: v for k, v in vars(tb).items() if k not in _CLASS_BOOKKEEPING}
+    if da.keys() != db.keys():
+        return False
+    for k in da:
+        va, vb = da[k], db[k]
+        va, vb = getattr(va, "__func__", va), getattr(vb, "__func__", vb)  # static/class methods
+        if not (va is vb or _same_function(va, vb, depth) or _equivalent(va, vb, depth + 1)):
+            return False
+    return True
+
+
+def _equivalent(a, b, depth=0) -> bool:
+    if a is b:
+        return True
+    if depth > 8 or not _same_type(type(a), type(b), depth):
+        return False
+    if isinstance(a, torch.Tensor):
+        return (a.shape == b.shape and a.dtype == b.dtype
+                and bool(torch.equal(a.detach().cpu(), b.detach().cpu())))
+    if isinstance(a, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, (bool, int, complex, str, bytes, type(None), torch.dtype, torch.device)):
+        return a == b
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equivalent(x, y, depth + 1) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equivalent(a[k], b[k], depth + 1) for k in a)
+    if isinstance(a, (set, frozenset)):
+        return a == b
+    if callable(a) and hasattr(a, "__code__"):
+        return _same_function(a, b, depth)
+    if hasattr(a, "__dict__"):  # modules: parameters, buffers, submodules and plain attributes
+        return _equivalent(vars(a), vars(b), depth + 1)
+    return False
+
+
+def equivalent_objects(a, b) -> bool:
+    """Whether two object patches do the same thing: the same object, or objects of the same
+    type (or of one class statement) whose state (tensors, attributes, submodules) is equal.
+    Two nodes applying the same settings (e.g. ModelSamplingDiscrete on the reference and on the
+    aligned model) give equivalent objects; anything not provably equal counts as different."""
+    try:
+        return _equivalent(a, b)
+    except Exception:  # an object whose state cannot be compared: be conservative
+        return False
 
 
 def _low_rank_terms(patches, module):
@@ -72,17 +164,28 @@ def _low_rank_terms(patches, module):
 
 
 class _LowRankHook:
-    """Forward hook adding s·up(down(x)) to a Linear / Conv2d output."""
+    """Forward hook adding s·up(down(x)) to a Linear / Conv2d output.
+
+    The factors are cast to the activation's device/dtype once per sampling run (``caching``
+    is switched on by SharedWeightDelta while a patcher's run is known to end with an
+    ON_CLEANUP callback that calls ``release``); otherwise per call, keeping nothing."""
 
     def __init__(self, module, terms):
         self.module, self.terms = module, terms
         self._cast = {}
+        self.caching = False
 
     def _weights(self, device, dtype):
         key = (device, dtype)
-        if key not in self._cast:  # once per device/dtype, not per call
-            self._cast[key] = [(s, up.to(device, dtype), down.to(device, dtype)) for s, up, down in self.terms]
-        return self._cast[key]
+        cast = self._cast.get(key)
+        if cast is None:
+            cast = [(s, up.to(device, dtype), down.to(device, dtype)) for s, up, down in self.terms]
+            if self.caching:
+                self._cast[key] = cast
+        return cast
+
+    def release(self):
+        self._cast.clear()
 
     def __call__(self, module, args, output):
         x = args[0]
@@ -95,12 +198,51 @@ class _LowRankHook:
         return output
 
 
+class _OutOfPlaceWeightPatch:
+    """A weight function computing the patched weight into a new tensor.
+
+    ComfyUI's LowVramPatch adds the update onto the tensor it is given; on the Dynamic VRAM
+    cast path that tensor can be the cached device copy of the reference's weight, which then
+    drifts evaluation after evaluation. This copies first (in float32) and never writes its
+    input. ``set_func`` is given when the tensor a weight function receives is in the layer's
+    stored units (scaled fp8 in ComfyUI 0.3.x: the layer multiplies by ``scale_weight`` after
+    the weight functions): the update is then applied in real units (``convert_func``) and the
+    result converted back with the layer's own ``set_func``, exactly as ComfyUI's merge does."""
+
+    def __init__(self, key, patches, convert_func=None, set_func=None):
+        self.key, self.patches = key, patches
+        self.convert_func, self.set_func = convert_func, set_func
+
+    def __call__(self, weight):
+        out_dtype = weight.dtype
+        w = weight.to(torch.float32, copy=True)
+        if self.set_func is not None:
+            w = self.convert_func(w, inplace=True)
+        w = comfy.lora.calculate_weight(self.patches[self.key], w, self.key, intermediate_dtype=torch.float32)
+        if self.set_func is not None:
+            w = self.set_func(w, seed=string_to_seed(self.key), return_weight=True)
+        return w.to(out_dtype)
+
+
+def _stored_units(convert_func, weight) -> bool:
+    """Whether the layer's weight, as handed to its weight functions, is not in real units:
+    its convert function changes a plain float tensor (ComfyUI 0.3.x scaled-fp8 layers).
+    Layers whose convert function only dequantizes QuantizedTensors (mixed-precision ops,
+    where the cast path dequantizes before the weight functions) are in real units."""
+    if convert_func is None or weight is None:
+        return False
+    probe = torch.ones(tuple(weight.shape), dtype=torch.float32)
+    out = convert_func(probe.clone(), inplace=False)
+    return not (isinstance(out, torch.Tensor) and out.shape == probe.shape
+                and torch.equal(out.to(device="cpu", dtype=torch.float32), probe))
+
+
 class SharedWeightDelta:
     """``with delta:`` evaluates the reference BaseModel as the aligned model."""
 
     def __init__(self, reference, aligned):
         self.patches = delta_patches(reference, aligned)
-        self.weight_patches = []  # (module, "weight_function" | "bias_function", LowVramPatch)
+        self.weight_patches = []  # (module, "weight_function" | "bias_function", _OutOfPlaceWeightPatch)
         self.low_rank = []  # (module, _LowRankHook)
         model = reference.model
         for key in self.patches:
@@ -116,13 +258,41 @@ class SharedWeightDelta:
             slot = f"{attr}_function"
             if not hasattr(module, slot):
                 raise SharedWeightsUnavailable(f"layer {module_path} cannot take on-the-fly patches")
-            self.weight_patches.append((module, slot, comfy.model_patcher.LowVramPatch(key, self.patches)))
+            weight, set_func, convert_func = comfy.model_patcher.get_key_weight(model, key)
+            if set_func is not None and _stored_units(convert_func, weight):
+                fn = _OutOfPlaceWeightPatch(key, self.patches, convert_func, set_func)
+            else:
+                fn = _OutOfPlaceWeightPatch(key, self.patches)
+            self.weight_patches.append((module, slot, fn))
+        self.model = model
         self.aligned_model_options = aligned.model_options
         self._handles = []
 
+    def _cache_for_this_run(self):
+        """Let the LoRA hooks keep their device copies until the running patcher's cleanup."""
+        patcher = getattr(self.model, "current_patcher", None)
+        if patcher is None or not hasattr(patcher, "add_callback_with_key"):
+            return False
+        kind = comfy.patcher_extension.CallbacksMP.ON_CLEANUP
+        if not any(cb == self.release for cb in patcher.get_all_callbacks(kind)):
+            patcher.add_callback_with_key(kind, _CLEANUP_KEY, self.release)
+        return True
+
+    def release(self, *_patcher):
+        """Drop every device copy of the LoRA factors (ON_CLEANUP callback)."""
+        for _, hook in self.low_rank:
+            hook.caching = False
+            hook.release()
+
+    def cached_tensors(self) -> int:
+        return sum(len(t) * 2 for _, hook in self.low_rank for t in hook._cast.values())
+
     def __enter__(self):
-        for module, slot, fn in self.weight_patches:
-            getattr(module, slot).append(fn)
+        for module, slot, fn in self.weight_patches:  # a new list: never the class-level default
+            setattr(module, slot, list(getattr(module, slot)) + [fn])
+        caching = bool(self.low_rank) and self._cache_for_this_run()
+        for _, hook in self.low_rank:
+            hook.caching = caching
         self._handles = [module.register_forward_hook(hook) for module, hook in self.low_rank]
         return self
 
@@ -131,11 +301,7 @@ class SharedWeightDelta:
             handle.remove()
         self._handles = []
         for module, slot, fn in self.weight_patches:
-            functions = getattr(module, slot)
-            if functions and functions[-1] is fn:
-                functions.pop()
-            elif fn in functions:
-                functions.remove(fn)
+            setattr(module, slot, [f for f in getattr(module, slot) if f is not fn])
         return False
 
     def patch_bytes(self) -> int:
