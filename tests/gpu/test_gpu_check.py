@@ -1,0 +1,42 @@
+"""The GPU check (tests/gpu/gpu_check.py): on CUDA with Dynamic VRAM on and off; without CUDA
+it skips, and its logic still runs as a CPU dry run."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent / "gpu_check.py"
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+def test_gpu_guarantees_with_dynamic_vram_on_and_off(tmp_path):
+    if not _cuda():
+        pytest.skip("no CUDA device: run tests/gpu/gpu_check.py on a GPU machine")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda", "--dynamic-vram", "both"],
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    assert "all checks passed" in proc.stdout
+
+
+def test_without_cuda_it_says_so_and_exits_0():
+    if _cuda():
+        pytest.skip("a CUDA device is present")
+    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+
+
+def test_cpu_dry_run_of_the_same_checks():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu"], capture_output=True, text=True,
+                          timeout=3600)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-8000:] + proc.stderr[-4000:]
+    for check in ("identity_lambda_0", "identity_lambda_1", "shared_loha_equals_merged", "shared_diff_equals_merged",
+                  "plain_ksampler_unchanged", "sweep_equals_separate_runs"):
+        assert f"PASS  dynamic_vram=False" in out and check in out, out
