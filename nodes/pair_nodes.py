@@ -37,17 +37,22 @@ def diffusers_folders():
 
 _LORA_SUFFIX = re.compile(r"\.(lora_up|lora_down|lora_A|lora_B|lora_mid|lora\.up|lora\.down|alpha|dora_scale|"
                           r"hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2|diff|diff_b|set_weight|"
-                          r"on_input|w_norm|b_norm)(\.weight|\.bias)?$")
+                          r"on_input|w_norm|b_norm|a1|a2|b1|b2|oft_blocks|rescale)(\.weight|\.bias)?$")
+_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "lora_te1", "lora_te2", "te1", "te2")
 
 
 def lora_unet_layers(lora: dict) -> set:
     """Distinct layer names a LoRA file patches, text-encoder layers left out."""
     layers = set()
     for key in lora:
-        if key.startswith(("lora_te", "text_encoder", "te_", "lora_te1", "lora_te2")):
+        if key.startswith(_TEXT_ENCODER_PREFIXES):
             continue
         layers.add(_LORA_SUFFIX.sub("", key))
     return layers
+
+
+def lora_text_encoder_layers(lora: dict) -> set:
+    return {_LORA_SUFFIX.sub("", key) for key in lora if key.startswith(_TEXT_ENCODER_PREFIXES)}
 
 
 def aligned_model_choices():
@@ -196,6 +201,12 @@ class DeRaDiffLoadAlignedPair:
             log.warning("DeRaDiff: %d of the %d layers in LoRA '%s' do not fit the reference's shapes and are "
                         "ignored (e.g. %s).", len(inert), len(loaded), name, inert[0])
             loaded = {k: v for k, v in loaded.items() if k not in set(inert)}
+        text_encoder = lora_text_encoder_layers(lora)
+        if text_encoder:
+            log.warning("DeRaDiff: the LoRA '%s' also changes %d text-encoder layers. Both models of a DeRaDiff pair "
+                        "use the reference's text encoder (one set of conditioning), so that part is not applied. "
+                        "To include it, apply the LoRA to the CLIP output of this node with a LoraLoader "
+                        "(model strength 0): both models then get the LoRA's conditioning.", name, len(text_encoder))
         aligned = reference.clone()
         aligned.add_patches(loaded, strength)
         log.info("DeRaDiff: LoRA '%s' patches %d layers of the reference (strength %g).", name, len(loaded), strength)

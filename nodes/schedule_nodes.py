@@ -15,9 +15,11 @@ LAM = {"min": 0.0, "max": 10.0, "step": 0.05, "round": 0.001}
 class DeRaDiffLambdaSchedule:
     NODE = "DeRaDiff λ Schedule"
     DESCRIPTION = ("λ along the denoising trajectory, for DeRaDiff KSampler / Guider / Realign Model "
-                   "(replaces their constant λ). Evaluated from the sigma each model call is made at, "
-                   "so multi-call samplers and img2img follow the same curve. Steps where λ is exactly "
-                   "0 or 1 run only the model they need.")
+                   "(replaces their constant λ). Percents are absolute, like ComfyUI's own start/end "
+                   "percent inputs: λ is evaluated from the sigma each model call is made at, on the "
+                   "model's noise schedule, so multi-call samplers, img2img and two-stage sampling "
+                   "(KSamplerAdvanced start/end steps, SplitSigmas) all follow the same curve. Steps "
+                   "where λ is exactly 0 or 1 run only the model they need.")
     RETURN_TYPES = (SCHEDULE_TYPE,)
     RETURN_NAMES = ("lambda_schedule",)
     OUTPUT_TOOLTIPS = ("Connect to the lambda_schedule input of a DeRaDiff sampler node.",)
@@ -35,9 +37,12 @@ class DeRaDiffLambdaSchedule:
                 "lambda_from": ("FLOAT", dict(LAM, default=1.0, tooltip="λ at the start of the ramp, the constant λ, or λ inside the interval.")),
                 "lambda_to": ("FLOAT", dict(LAM, default=0.0, tooltip="λ at the end of the ramp.")),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                            "tooltip": "Start of the window, as a fraction of the denoising (0 = first step)."}),
+                                            "tooltip": "Start of the window, as a fraction of the whole denoising (0 = pure noise), "
+                                                       "like ComfyUI's start_percent inputs: the same for every "
+                                                       "way of splitting the steps."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                          "tooltip": "End of the window, as a fraction of the denoising (1 = last step)."}),
+                                          "tooltip": "End of the window (1 = the end of denoising). Half-open: '0 to 0.4' covers "
+                                                     "the steps that start before 40 %, e.g. 8 of 20 steps."}),
                 "lambda_outside": ("FLOAT", dict(LAM, default=0.0, tooltip="interval only: λ outside the window.")),
                 "custom_values": ("STRING", {"default": "1, 1, 1, 0.5, 0", "multiline": False,
                                              "tooltip": "custom only: one λ per step, separated by commas. "

@@ -41,11 +41,19 @@ class DeRaDiffLambdaSweep:
                 "lambdas": ("STRING", {"default": "0, 0.5, 1, 1.5, 2", "tooltip":
                                        "λ values to compare, separated by commas. 0 = reference, 1 = aligned."}),
                 **sampler_inputs(),
-            }
+            },
+            "optional": {
+                "max_lambdas_per_pass": ("INT", {
+                    "default": 0, "min": 0, "max": 256,
+                    "tooltip": "How many λ one batched sampling pass may carry. 0 = automatic: as many as "
+                               "fit in free GPU memory by ComfyUI's own estimate (every model call carries "
+                               "λ count x batch images; 8 λ of SDXL at 1024x1024 need several GB). Lower it "
+                               "if you run out of memory; results are the same either way."}),
+            },
         }
 
     def sweep(self, pair, lambdas, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-              denoise=1.0):
+              denoise=1.0, max_lambdas_per_pass=0):
         check_pair(self.NODE, pair)
         try:
             values = parse_values(lambdas)
@@ -57,7 +65,7 @@ class DeRaDiffLambdaSweep:
         if bad:
             raise NodeInputError(self.NODE, "lambdas", f"λ must be a finite number >= 0, got {bad[0]:g}")
         out = lambda_sweep(pair, values, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                           latent_image, denoise)
+                           latent_image, denoise, max_per_pass=max_lambdas_per_pass)
         per_lambda = latent_image["samples"].shape[0]
         labels = [sweep_label(v, pair.beta) for v in values for _ in range(per_lambda)]
         return (out, "\n".join(labels), values)

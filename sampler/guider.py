@@ -11,11 +11,16 @@ import contextlib
 
 import torch
 
+import logging
+
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.samplers
 
 from .mixing import mix_equal_variance, mix_per_sample
-from .schedules import as_schedule
+from .schedules import PercentOfSigma, as_schedule
+
+log = logging.getLogger("DeRaDiff")
 
 ALIGNED_KEY = "deradiff_aligned"
 _POST_CFG = "sampler_post_cfg_function"
@@ -45,13 +50,45 @@ class _AlignedRun:
         self.weights = weights or contextlib.nullcontext()
 
 
-def aligned_model_options(model_options, sample_sigmas, device=None, dtype=None):
-    """The aligned model's own options for one sampling run."""
-    options = comfy.model_patcher.create_model_options_clone(model_options)
-    options.setdefault("transformer_options", {})["sample_sigmas"] = sample_sigmas
+# Wrapper types that act on one model evaluation (they travel in the aligned model's options);
+# the others wrap the whole sampling run, which only the reference's MODEL drives.
+EVALUATION_WRAPPERS = {"calc_cond_batch", "apply_model", "diffusion_model"}
+
+
+def aligned_model_options(patcher, sample_sigmas, device=None, dtype=None):
+    """The aligned model's own options for one sampling run: its model_options plus its
+    wrappers and callbacks, as ComfyUI's prepare_model_patcher adds them for the model
+    that drives sampling (an APPLY_MODEL wrapper such as TorchCompileModel's, a caching or
+    context-window wrapper set on the aligned MODEL must run for the aligned evaluations)."""
+    options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
+    transformer_options = options.setdefault("transformer_options", {})
+    transformer_options["sample_sigmas"] = sample_sigmas
+    for name, own in (("wrappers", patcher.wrappers), ("callbacks", patcher.callbacks)):
+        comfy.patcher_extension.merge_nested_dicts(transformer_options.setdefault(name, {}), own, copy_dict1=False)
     if device is not None:
         comfy.samplers.cast_to_load_options(options, device=device, dtype=dtype)
     return options
+
+
+def run_level_wrappers_only_on(aligned, reference) -> list:
+    """Wrapper types the aligned MODEL has for a whole sampling run that the reference lacks."""
+    missing = []
+    for wrapper_type, by_key in aligned.wrappers.items():
+        if wrapper_type in EVALUATION_WRAPPERS:
+            continue
+        for key, fns in by_key.items():
+            if fns and not reference.wrappers.get(wrapper_type, {}).get(key):
+                missing.append(f"{wrapper_type}:{key}")
+    return missing
+
+
+def warn_run_level_wrappers(aligned, reference, aligned_name):
+    missing = run_level_wrappers_only_on(aligned, reference)
+    if missing:
+        log.warning("DeRaDiff: the aligned model '%s' has sampling-run wrappers the reference lacks (%s); "
+                    "a run has one sampling loop, driven by the reference, so these do not run. Put such "
+                    "nodes (caches, context windows) on the reference, or after DeRaDiff Realign Model.",
+                    aligned_name, ", ".join(missing))
 
 
 class DeRaDiffGuider(comfy.samplers.CFGGuider):
@@ -67,17 +104,21 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         super().__init__(reference)
         self.set_cfg(cfg)
         self._aligned_run = None
+        self._percent_of = None
+        if self.aligned_side is not None:
+            warn_run_level_wrappers(pair.aligned, pair.reference, pair.aligned_name)
 
     # -- sampling set-up -------------------------------------------------------
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
                      disable_pbar, seed, *args, **kwargs):
+        self._percent_of = PercentOfSigma(self.inner_model.model_sampling.percent_to_sigma)
         if self.aligned_side is None:
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
                                         callback, disable_pbar, seed, *args, **kwargs)
         if self.aligned_patcher is None:  # shared weights: same BaseModel and conds as the reference
             shared = self.aligned_side.shared
             self._aligned_run = _AlignedRun(None, None, aligned_model_options(
-                shared.aligned_model_options, sigmas, device, self.model_patcher.model_dtype()), shared)
+                self.pair.aligned, sigmas, device, self.model_patcher.model_dtype()), shared)
             try:
                 return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
                                             callback, disable_pbar, seed, *args, **kwargs)
@@ -101,13 +142,13 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         conds = {k: [c.copy() for c in v] for k, v in self.conds.items()}
         conds = comfy.samplers.process_conds(model, noise, conds, device, latent_image, denoise_mask,
                                              seed, **kwargs)
-        options = aligned_model_options(aligned.model_options, sigmas, device, aligned.model_dtype())
+        options = aligned_model_options(aligned, sigmas, device, aligned.model_dtype())
         return _AlignedRun(model, conds, options)
 
     # -- one model evaluation --------------------------------------------------
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         run = self._aligned_run
-        lam = self.schedule.value_at(timestep, model_options.get("transformer_options", {}).get("sample_sigmas"))
+        lam = self.schedule.value_at(timestep, self._percent_of)
         if run is None or is_exactly(lam, 0.0):
             return super().predict_noise(x, timestep, model_options, seed)
         sampler_post_cfg = model_options.get(_POST_CFG, [])[len(self.model_options.get(_POST_CFG, [])):]
@@ -126,6 +167,10 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
                 options[key] = value
         if post_cfg:
             options[_POST_CFG] = run.model_options.get(_POST_CFG, []) + list(post_cfg)
+            # CFG++-style samplers read both models' uncond predictions: neither may take the
+            # cfg=1 shortcut (which leaves uncond empty), whichever model asked for that.
+            if model_options.get("disable_cfg1_optimization") or run.model_options.get("disable_cfg1_optimization"):
+                options["disable_cfg1_optimization"] = True
         return options
 
     def _denoise_aligned(self, run, x, timestep, model_options, post_cfg, seed):

@@ -4,48 +4,138 @@ The reference is cloned and given a calc_cond_batch function that runs both mode
 the same (already processed) conds and mixes cond and uncond predictions with λ. CFG is
 linear, so mixing before CFG equals giving each model its own CFG and mixing after
 (up to float rounding) — unless another node adds a non-linear CFG function.
+
+Nodes placed after Realign Model (FreeU, attention patches, PAG, a LoRA, ModelSampling,
+TorchCompileModel, caches) clone the MODEL and add to it. What they add applies to the
+realigned model, that is to both models' evaluations:
+
+- model_options patches (``transformer_options`` patches / patches_replace) and context
+  windows are found by position (see options_delta) and passed to the aligned evaluation;
+- weight patches (a LoRA) and object patches land on the reference's BaseModel; a
+  shared-weight aligned side runs on that same BaseModel, so it sees them too;
+- a separately loaded aligned model has its own weights: a later ModelSampling patch is
+  applied to it for the evaluation (the pair must share a schedule), later evaluation
+  wrappers are not (TorchCompileModel's wrapper swaps in the reference's compiled UNet),
+  and later weight patches cannot be: both are reported once per run in the log.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import comfy.patcher_extension
 import comfy.samplers
+import comfy.utils
 
-import contextlib
+from .guider import ALIGNED_KEY, aligned_model_options, is_exactly, mix, warn_run_level_wrappers
+from .options_delta import added_since, merged, options_shape, select
+from .schedules import PercentOfSigma, as_schedule
 
-from .guider import ALIGNED_KEY, aligned_model_options, is_exactly, mix
-from .schedules import as_schedule
+log = logging.getLogger("DeRaDiff")
+
+# model_options keys that belong to one sampling run or to CFG, never to a model evaluation
+_RUN_KEYS = {"sampler_calc_cond_batch_function", "to_load_options", "registered_hooks", "sampler_cfg_function",
+             "sampler_post_cfg_function", "sampler_pre_cfg_function", "disable_cfg1_optimization",
+             "model_function_wrapper"}
+# what later nodes add that a separately loaded aligned model can take as it is
+_PORTABLE = [("transformer_options", "patches"), ("transformer_options", "patches_replace"), ("context_handler",)]
+
+
+def _options_as_sampled(patcher) -> dict:
+    """The patcher's model_options with its wrappers and callbacks merged in, as
+    prepare_model_patcher hands them to calc_cond_batch."""
+    options = dict(patcher.model_options)
+    transformer_options = dict(options.get("transformer_options", {}))
+    for name, own in (("wrappers", patcher.wrappers), ("callbacks", patcher.callbacks)):
+        transformer_options[name] = comfy.patcher_extension.merge_nested_dicts(
+            transformer_options.get(name, {}), own)
+    options["transformer_options"] = transformer_options
+    return options
 
 
 class RealignedCalcCondBatch:
-    def __init__(self, side, schedule):
+    def __init__(self, pair, side, schedule, realigned):
+        self.pair = pair
         self.side = side
         self.schedule = schedule
-        self._options_for = (None, None)  # (sample_sigmas, aligned model options) of this run
+        self.aligned_patcher = side.patcher if side.patcher is not None else pair.aligned
+        self.shape = None  # options_shape of the realigned MODEL, set once this function is in place
+        self.model_sampling = realigned.get_model_object("model_sampling")
+        self.weight_patch_counts = {k: len(v) for k, v in realigned.patches.items()}
+        self._run = None  # (sample_sigmas, aligned base options, percent_of) of the current run
 
-    def _aligned_options(self, sample_sigmas):
-        if self._options_for[0] is not sample_sigmas:
-            own = (self.side.patcher.model_options if self.side.patcher is not None
-                   else self.side.shared.aligned_model_options)
-            self._options_for = (sample_sigmas, aligned_model_options(own, sample_sigmas))
-        return self._options_for[1]
+    def __deepcopy__(self, memo):
+        # ComfyUI 0.3.75's clone() deep-copies model_options; copying this would copy the
+        # pair (a whole aligned UNet) and detach it from the models ComfyUI loads.
+        return self
 
+    # -- per run --------------------------------------------------------------
+    def _run_state(self, options, model):
+        sample_sigmas = options.get("transformer_options", {}).get("sample_sigmas")
+        if self._run is None or self._run[0] is not sample_sigmas:
+            base = aligned_model_options(self.aligned_patcher, sample_sigmas)
+            self._run = (sample_sigmas, base, PercentOfSigma(model.model_sampling.percent_to_sigma))
+        return self._run
+
+    def _aligned_options(self, base, options):
+        later = added_since(self.shape, options)
+        later = {k: v for k, v in later.items() if k not in _RUN_KEYS}
+        if self.side.patcher is not None:
+            later = select(later, _PORTABLE)
+        return merged(base, later)
+
+    @contextlib.contextmanager
+    def _separate_model_sampling(self, model, aligned_model):
+        """A ModelSampling patch placed after Realign Model also applies to a separate aligned model."""
+        current = model.model_sampling
+        if current is self.model_sampling or aligned_model.model_sampling is current:
+            yield
+            return
+        own = aligned_model.model_sampling
+        comfy.utils.set_attr(aligned_model, "model_sampling", current)
+        try:
+            yield
+        finally:
+            comfy.utils.set_attr(aligned_model, "model_sampling", own)
+
+    # -- one evaluation -------------------------------------------------------
     def __call__(self, args):
         conds, x, sigma, model, options = args["conds"], args["input"], args["sigma"], args["model"], args["model_options"]
-        sample_sigmas = options.get("transformer_options", {}).get("sample_sigmas")
-        lam = self.schedule.value_at(sigma, sample_sigmas)
+        _, base, percent_of = self._run_state(options, model)
+        lam = self.schedule.value_at(sigma, percent_of)
         if is_exactly(lam, 0.0):
             return comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
-        aligned_options = self._aligned_options(sample_sigmas)
+        aligned_options = self._aligned_options(base, options)
         if self.side.patcher is not None:
-            aligned_model, weights = self.side.patcher.model, contextlib.nullcontext()
+            aligned_model = self.side.patcher.model
+            context = self._separate_model_sampling(model, aligned_model)
         else:  # shared weights: the reference's BaseModel with the update applied on the fly
-            aligned_model, weights = model, self.side.shared
-        with weights:
+            aligned_model, context = model, self.side.shared
+        with context:
             d_al = comfy.samplers.calc_cond_batch(aligned_model, conds, x, sigma, aligned_options)
         if is_exactly(lam, 1.0):
             return d_al
         d_ref = comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
         return [None if r is None else mix(r, a, lam) for r, a in zip(d_ref, d_al)]
+
+    # -- what a separate aligned model cannot take --------------------------------
+    def report_unshared(self, patcher):
+        """ON_PRE_RUN: say which later additions apply to the reference only."""
+        self._run = None
+        if self.side.patcher is None:
+            return
+        grown = [k for k, v in patcher.patches.items() if len(v) > self.weight_patch_counts.get(k, 0)]
+        if grown:
+            log.warning("DeRaDiff Realign Model: %d weight patches (a LoRA?) were added after Realign Model; the "
+                        "aligned model '%s' is a separate model, so they apply to the reference only. Apply the "
+                        "LoRA to both models before making the pair instead.", len(grown), self.pair.aligned_name)
+        later = added_since(self.shape, _options_as_sampled(patcher)).get("transformer_options", {}).get("wrappers", {})
+        evaluation = sorted(f"{t}:{k}" for t, by_key in later.items() for k, fns in by_key.items()
+                            if fns and t in ("apply_model", "diffusion_model", "calc_cond_batch"))
+        if evaluation:
+            log.warning("DeRaDiff Realign Model: model wrappers added after Realign Model (%s) run for the "
+                        "reference's evaluations only; the aligned model '%s' is a separate model. Put them on "
+                        "both models before making the pair.", ", ".join(evaluation), self.pair.aligned_name)
 
 
 def realigned_model(pair, lam):
@@ -54,6 +144,7 @@ def realigned_model(pair, lam):
     if not schedule.uses_aligned:
         return model
     side = pair.aligned_side()
+    warn_run_level_wrappers(pair.aligned, pair.reference, pair.aligned_name)
     aligned = side.patcher
     if aligned is not None:
         model.set_additional_models(ALIGNED_KEY, [aligned])
@@ -62,5 +153,10 @@ def realigned_model(pair, lam):
                                     lambda patcher: aligned.pre_run())
         model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ALIGNED_KEY,
                                     lambda patcher: aligned.cleanup())
-    model.set_model_sampler_calc_cond_batch_function(RealignedCalcCondBatch(side, schedule))
+    function = RealignedCalcCondBatch(pair, side, schedule, model)
+    model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, ALIGNED_KEY + "_report",
+                                function.report_unshared)
+    model.set_model_sampler_calc_cond_batch_function(function)
+    # the shape is taken with our own function in place, so only what comes after is "later"
+    function.shape = options_shape(_options_as_sampled(model))
     return model

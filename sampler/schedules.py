@@ -1,58 +1,57 @@
 """λ along the denoising trajectory. Pure Python/torch: no ComfyUI imports.
 
-A schedule maps *progress* p in [0, 1] to λ. Progress is read off the sigma the model is
-called at, interpolated against the sampler's own sigmas (ComfyUI hands them to the model
-as ``transformer_options["sample_sigmas"]``), never by counting calls: Heun, DPM++ 2S and
-the SDE samplers call the model more than once per step, and img2img (denoise < 1) runs
-only the tail of the schedule, yet all follow the same curve.
+A schedule maps *progress* p in [0, 1] to λ. Progress is absolute, as in ComfyUI's own
+percent inputs (ConditioningSetTimestepRange, ControlNet start/end): p is the percent whose
+``model_sampling.percent_to_sigma(p)`` is the sigma the model is called at. So a schedule
+means the same thing however the steps are split (KSamplerAdvanced start/end steps,
+SplitSigmas, two-stage sampling), and multi-call samplers (Heun, DPM++ 2S, SDE) follow the
+same curve. Windows are half-open: "0 to 40 %" covers the steps that start before 40 %.
 """
 from __future__ import annotations
 
-import bisect
 import math
 
 from .mixing import check_lambda
 
 SHAPES = ("constant", "linear", "cosine", "ease_in", "ease_out", "interval", "custom")
 
-
-_float_cache = [None, None]  # (the sigmas object last seen, its values as floats)
-
-
-def _as_floats(sample_sigmas) -> list:
-    """The sampler's sigmas as Python floats, converted once per sampling run rather than at
-    every model call (on a GPU each element read is a device sync)."""
-    if _float_cache[0] is not sample_sigmas:
-        _float_cache[0], _float_cache[1] = sample_sigmas, [float(s) for s in sample_sigmas]
-    return _float_cache[1]
+# Steps that start exactly on a window edge must land on one side whatever the float
+# rounding of the sigma -> percent round trip.
+EDGE_TOLERANCE = 1e-4
 
 
-def progress_at(sigma: float, sample_sigmas) -> float:
-    """Fractional step index of ``sigma`` in the (descending) sampler sigmas, scaled to [0, 1].
-
-    Between two sampler sigmas it interpolates linearly in log-sigma (where the
-    schedulers space their steps); the final 0 is handled linearly.
-    """
-    if sample_sigmas is None:
+def invert_percent(percent_to_sigma, sigma: float, iterations: int = 40) -> float:
+    """The percent p in [0, 1] with percent_to_sigma(p) == sigma (percent_to_sigma decreases)."""
+    lo, hi = 0.0, 1.0
+    if sigma >= percent_to_sigma(1e-9):
         return 0.0
-    sigmas = _as_floats(sample_sigmas)
-    n = len(sigmas) - 1
-    if n <= 0:
-        return 0.0
-    sigma = float(sigma)
-    if sigma >= sigmas[0]:
-        return 0.0
-    if sigma <= sigmas[-1]:
+    if sigma <= percent_to_sigma(1.0 - 1e-9):
         return 1.0
-    # sigmas descend; find i with sigmas[i] >= sigma > sigmas[i+1]
-    ascending = [-s for s in sigmas]
-    i = max(0, bisect.bisect_right(ascending, -sigma) - 1)
-    hi, lo = sigmas[i], sigmas[i + 1]
-    if lo > 0 and sigma > 0:
-        frac = (math.log(hi) - math.log(sigma)) / (math.log(hi) - math.log(lo))
-    else:
-        frac = (hi - sigma) / (hi - lo)
-    return min(1.0, (i + frac) / n)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if percent_to_sigma(mid) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+class PercentOfSigma:
+    """sigma -> absolute percent for one model's noise schedule, memoised per sigma (a run
+    calls the model at a few dozen distinct sigmas)."""
+
+    def __init__(self, percent_to_sigma):
+        self.percent_to_sigma = percent_to_sigma
+        self._memo = {}
+
+    def __call__(self, sigma) -> float:
+        if hasattr(sigma, "flatten"):
+            sigma = sigma.flatten()[0]
+        sigma = float(sigma)
+        p = self._memo.get(sigma)
+        if p is None:
+            p = self._memo[sigma] = invert_percent(lambda q: float(self.percent_to_sigma(q)), sigma)
+        return p
 
 
 def _window(p: float, start: float, end: float) -> float:
@@ -98,7 +97,8 @@ class LambdaSchedule:
         if self.shape == "custom":
             return self._custom(p)
         if self.shape == "interval":
-            inside = self.start_percent <= p <= self.end_percent
+            inside = self.start_percent - EDGE_TOLERANCE <= p < self.end_percent - EDGE_TOLERANCE \
+                or (self.end_percent >= 1.0 and p >= self.start_percent - EDGE_TOLERANCE)
             return self.lambda_from if inside else self.lambda_outside
         t = _EASE[self.shape](_window(p, self.start_percent, self.end_percent))
         return self.lambda_from + (self.lambda_to - self.lambda_from) * t
@@ -106,14 +106,14 @@ class LambdaSchedule:
     def _custom(self, p: float) -> float:
         # one value per step: step k covers progress [k/n, (k+1)/n)
         n = len(self.values)
-        return self.values[min(n - 1, int(p * n + 1e-9))]
+        return self.values[min(n - 1, int(p * n + EDGE_TOLERANCE))]
 
-    def value_at(self, sigma, sample_sigmas=None) -> float:
+    def value_at(self, sigma, percent_of=None) -> float:
+        """λ for a model call at ``sigma``; ``percent_of`` maps it to absolute progress
+        (PercentOfSigma over the model's own schedule)."""
         if self.shape == "constant":
             return self.lambda_from
-        if hasattr(sigma, "flatten"):
-            sigma = float(sigma.flatten()[0])
-        return self.at_progress(progress_at(sigma, sample_sigmas))
+        return self.at_progress(percent_of(sigma) if percent_of is not None else 0.0)
 
     def curve(self, points: int = 201) -> list[float]:
         return [self.at_progress(i / (points - 1)) for i in range(points)]

@@ -14,6 +14,7 @@ import torch
 
 import comfy.model_management
 import comfy.sample
+import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 import latent_preview
@@ -37,7 +38,7 @@ class PerSampleLambda:
         self.lambdas = [check_lambda(v) for v in lambdas]
         self.tensor = torch.tensor(self.lambdas, dtype=torch.float32).repeat_interleave(group)
 
-    def value_at(self, sigma, sample_sigmas=None):
+    def value_at(self, sigma, percent_of=None):
         return self.tensor
 
     @property
@@ -66,6 +67,24 @@ class TiledNoiseSampler:
         return noise.repeat((self.copies,) + (1,) * (noise.ndim - 1))
 
 
+class TiledInpaintNoise:
+    """For samplers whose inpainting re-noises the kept region with fresh noise (ddim:
+    ``inpaint_options={"random": True}``, drawn from seed + 1 for the whole batch): draw it
+    for ONE λ group, as a separate run would, and tile it."""
+
+    def __init__(self, sampler_function, copies):
+        self.sampler_function, self.copies = sampler_function, copies
+
+    def __call__(self, model_k, x, sigmas, *args, **kwargs):
+        tiled = getattr(model_k, "noise", None)
+        if tiled is not None:
+            group = (tiled.shape[0] // self.copies,) + tuple(tiled.shape[1:])
+            generator = torch.manual_seed(kwargs.get("extra_args", {}).get("seed", 41) + 1)
+            one = torch.randn(group, generator=generator, device="cpu").to(tiled.dtype).to(tiled.device)
+            model_k.noise = _tile(one, self.copies)
+        return self.sampler_function(model_k, x, sigmas, *args, **kwargs)
+
+
 def batched_sampler(sampler_name, template, seed, sigmas, copies):
     fn = getattr(k_sampling, f"sample_{sampler_name}", None)
     if (sampler_name in comfy.samplers.KSAMPLER_NAMES and fn is not None
@@ -73,7 +92,12 @@ def batched_sampler(sampler_name, template, seed, sigmas, copies):
             and "noise_sampler" in inspect.signature(fn).parameters):
         return comfy.samplers.KSAMPLER(fn, extra_options={
             "noise_sampler": TiledNoiseSampler(sampler_name, template, seed, sigmas, copies)})
-    return comfy.samplers.sampler_object(sampler_name)  # draws no noise per step
+    sampler = comfy.samplers.sampler_object(sampler_name)  # draws no noise per step
+    if getattr(sampler, "inpaint_options", {}).get("random", False) and copies > 1:
+        options = {k: v for k, v in sampler.inpaint_options.items() if k != "random"}
+        sampler = comfy.samplers.KSAMPLER(TiledInpaintNoise(sampler.sampler_function, copies),
+                                          extra_options=sampler.extra_options, inpaint_options=options)
+    return sampler
 
 
 def _tile(t, copies):
@@ -86,7 +110,7 @@ SEQUENTIAL_SAMPLERS = {"dpm_adaptive"}
 
 
 def lambda_sweep(pair, lambdas, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                 denoise=1.0):
+                 denoise=1.0, max_per_pass=0):
     """Returns a LATENT holding len(lambdas) x batch samples, λ-major."""
     if sampler_name in SEQUENTIAL_SAMPLERS:
         from .sampling import realigned_ksampler
@@ -102,24 +126,68 @@ def lambda_sweep(pair, lambdas, seed, steps, cfg, sampler_name, scheduler, posit
         return out
     reference = pair.reference
     latent_image = comfy.sample.fix_empty_latent_channels(reference, latent["samples"])
-    group, copies = latent_image.shape[0], len(lambdas)
+    group = latent_image.shape[0]
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     sigmas = ksampler_sigmas(reference, steps, sampler_name, scheduler, denoise)
-    device = reference.load_device
+    mask = latent.get("noise_mask")
+    per_pass = lambdas_per_pass(pair, latent_image.shape, positive, negative, len(lambdas), max_per_pass)
+    passes = [lambdas[i:i + per_pass] for i in range(0, len(lambdas), per_pass)]
+    if len(passes) > 1:
+        log.info("DeRaDiff λ Sweep: %d λ in %d passes of up to %d (memory per pass: %d images per model call)",
+                 len(lambdas), len(passes), per_pass, 2 * per_pass * group)
+    progress = latent_preview.prepare_callback(reference, steps * len(passes))
+    results = []
+    for index, chunk in enumerate(passes):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        callback = _offset_callback(progress, index * steps, steps * len(passes))
+        results.append(_sweep_pass(pair, chunk, group, seed, cfg, sampler_name, positive, negative, noise,
+                                   latent_image, sigmas, mask, callback))
+    out = {k: v for k, v in latent.items() if k not in ("batch_index", "noise_mask")}
+    out["samples"] = torch.cat(results).to(comfy.model_management.intermediate_device())
+    if mask is not None:
+        out["noise_mask"] = _tile(mask, len(lambdas)) if mask.shape[0] == group and group > 1 else mask
+    return out
+
+
+def _sweep_pass(pair, lambdas, group, seed, cfg, sampler_name, positive, negative, noise, latent_image,
+                sigmas, mask, callback):
+    copies = len(lambdas)
+    device = pair.reference.load_device
     template = torch.zeros_like(noise, dtype=torch.float32, device=device)
     sampler = batched_sampler(sampler_name, template, seed, sigmas.to(device), copies)
-
-    mask = latent.get("noise_mask")
     if mask is not None and mask.shape[0] == group and group > 1:
         mask = _tile(mask, copies)
     guider = DeRaDiffGuider(pair, PerSampleLambda(lambdas, group), cfg)
     guider.set_conds(positive, negative)
-    callback = latent_preview.prepare_callback(reference, steps)
-    samples = guider.sample(_tile(noise, copies), _tile(latent_image, copies), sampler, sigmas,
-                            denoise_mask=mask, callback=callback,
-                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-    out = {k: v for k, v in latent.items() if k not in ("batch_index", "noise_mask")}
-    out["samples"] = samples.to(comfy.model_management.intermediate_device())
-    if mask is not None:
-        out["noise_mask"] = mask
-    return out
+    return guider.sample(_tile(noise, copies), _tile(latent_image, copies), sampler, sigmas,
+                         denoise_mask=mask, callback=callback,
+                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+
+
+def _offset_callback(callback, offset, total):
+    """One progress bar (and live preview) over all passes of a sweep."""
+    return lambda step, x0, x, total_steps: callback(offset + step, x0, x, total)
+
+
+def lambdas_per_pass(pair, latent_shape, positive, negative, count, max_per_pass=0) -> int:
+    """How many λ one batched pass may carry: ``max_per_pass`` when given, else as many as fit
+    in the sampling device's memory by ComfyUI's own estimate (the model's memory_required for
+    cond + uncond of the whole batch), after the weights of both models."""
+    if max_per_pass and max_per_pass > 0:
+        return max(1, min(count, int(max_per_pass)))
+    reference = pair.reference
+    device = reference.load_device
+    try:
+        conds = {"positive": comfy.sampler_helpers.convert_cond(positive),
+                 "negative": comfy.sampler_helpers.convert_cond(negative)}
+        per_lambda, _ = comfy.sampler_helpers.estimate_memory(reference, list(latent_shape), conds)
+    except Exception as e:  # an estimate we cannot make must not stop the sweep
+        log.debug("DeRaDiff λ Sweep: no memory estimate (%s); one pass", e)
+        return count
+    weights = reference.model_size()
+    side = pair.aligned_side()
+    if side.patcher is not None:
+        weights += side.patcher.model_size()
+    budget = (comfy.model_management.get_total_memory(device) - weights
+              - comfy.model_management.minimum_inference_memory())
+    return max(1, min(count, int(budget // max(per_lambda, 1))))

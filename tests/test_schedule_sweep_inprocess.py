@@ -39,7 +39,8 @@ def realign(pack, s, sampler="euler", lam=1.0, sched=None, latent=None, denoise=
                                              ("dpmpp_sde", 1.0), ("euler", 0.6)])
 def test_schedule_is_evaluated_from_the_sigma_of_every_call(sd15, pack, monkeypatch, sampler, denoise):
     from comfyui_deradiff.sampler import guider as guider_mod
-    from comfyui_deradiff.sampler.schedules import progress_at
+    from comfyui_deradiff.sampler.schedules import PercentOfSigma
+    percent_of = PercentOfSigma(sd15["ref"].get_model_object("model_sampling").percent_to_sigma)
     sched, _ = schedule(pack, "cosine", 1.5, 0.0)
     ref, seen_ref = capture_denoised(sd15["ref"])
     aligned, seen_al = capture_denoised(sd15["aligned"])
@@ -49,8 +50,7 @@ def test_schedule_is_evaluated_from_the_sigma_of_every_call(sd15, pack, monkeypa
 
     def recording(self, x, timestep, model_options={}, seed=None):
         out = original(self, x, timestep, model_options, seed)
-        sigmas = model_options["transformer_options"]["sample_sigmas"]
-        calls.append((float(timestep[0]), sigmas, out.clone()))
+        calls.append((float(timestep[0]), out.clone()))
         return out
 
     monkeypatch.setattr(guider_mod.DeRaDiffGuider, "predict_noise", recording)
@@ -60,8 +60,8 @@ def test_schedule_is_evaluated_from_the_sigma_of_every_call(sd15, pack, monkeypa
     assert full_len >= STEPS
     lams = []
     ref_i = al_i = 0
-    for sigma, sigmas, out in calls:
-        lam = sched.at_progress(progress_at(sigma, sigmas))
+    for sigma, out in calls:
+        lam = sched.at_progress(percent_of(sigma))
         lams.append(lam)
         if lam == 0.0:
             torch.testing.assert_close(out, seen_ref[ref_i])
@@ -72,7 +72,11 @@ def test_schedule_is_evaluated_from_the_sigma_of_every_call(sd15, pack, monkeypa
         al_i += 1
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4 * float(expected.abs().max()))
     assert ref_i == len(seen_ref) and al_i == len(seen_al)
-    assert lams[0] == pytest.approx(1.5) and all(a >= b - 1e-6 for a, b in zip(lams, lams[1:]))
+    assert all(a >= b - 1e-6 for a, b in zip(lams, lams[1:]))
+    if denoise == 1.0:
+        assert lams[0] == pytest.approx(1.5)
+    else:  # percents are absolute: img2img starts part-way along the curve, not at its start
+        assert lams[0] == pytest.approx(sched.at_progress(1.0 - denoise), abs=0.05) and lams[0] < 1.4
 
 
 def test_steps_at_exactly_0_or_1_run_one_model(sd15, pack):

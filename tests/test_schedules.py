@@ -23,22 +23,31 @@ def _load():
 
 
 sch = _load()
-SIGMAS = [14.6, 7.0, 3.0, 1.0, 0.3, 0.0]  # 5 steps, descending, ending in 0
 
 
-def test_progress_follows_the_sampler_sigmas():
-    assert sch.progress_at(14.6, SIGMAS) == 0.0
-    assert sch.progress_at(20.0, SIGMAS) == 0.0
-    assert sch.progress_at(3.0, SIGMAS) == pytest.approx(2 / 5)
-    assert sch.progress_at(0.0, SIGMAS) == 1.0
-    # between two sigmas: log-sigma interpolation (geometric midpoint is half a step)
-    mid = (7.0 * 3.0) ** 0.5
-    assert sch.progress_at(mid, SIGMAS) == pytest.approx(1.5 / 5)
-    # the last interval ends at 0: linear there
-    assert sch.progress_at(0.15, SIGMAS) == pytest.approx(4.5 / 5)
-    # img2img: only the tail of the schedule is sampled, and progress is relative to it
-    assert sch.progress_at(3.0, SIGMAS[2:]) == 0.0
-    assert sch.progress_at(1.0, SIGMAS[2:]) == pytest.approx(1 / 3)
+def linear_percent_to_sigma(p):
+    """A toy noise schedule: sigma falls linearly from 10 at 0 % to 0 at 100 %."""
+    return 10.0 * (1.0 - p)
+
+
+PERCENT_OF = sch.PercentOfSigma(linear_percent_to_sigma)
+
+
+def sigmas_for(steps):
+    """Sigmas whose step k starts at k / steps of the way (like ComfyUI's 'simple' scheduler)."""
+    return [linear_percent_to_sigma(k / steps) for k in range(steps)] + [0.0]
+
+
+def test_progress_is_the_absolute_percent_of_the_sigma():
+    assert sch.invert_percent(linear_percent_to_sigma, 10.0) == 0.0
+    assert sch.invert_percent(linear_percent_to_sigma, 50.0) == 0.0
+    assert sch.invert_percent(linear_percent_to_sigma, 6.0) == pytest.approx(0.4)
+    assert sch.invert_percent(linear_percent_to_sigma, 0.0) == 1.0
+    # a sigma object with .flatten (a tensor) works, and repeated sigmas are memoised
+    class FakeTensor:
+        def flatten(self):
+            return [2.5]
+    assert PERCENT_OF(FakeTensor()) == pytest.approx(0.75) and 2.5 in PERCENT_OF._memo
 
 
 def test_shapes():
@@ -53,12 +62,27 @@ def test_shapes():
     interval = sch.LambdaSchedule("interval", 1.5, start_percent=0.3, end_percent=0.7, lambda_outside=0.0)
     assert [interval.at_progress(p) for p in (0.1, 0.5, 0.8)] == [0.0, 1.5, 0.0]
     custom = sch.LambdaSchedule("custom", values=[0, 0, 1, 1, 0.5])
-    assert [custom.value_at(s, SIGMAS) for s in SIGMAS[:-1]] == [0, 0, 1, 1, 0.5]
-    # a Heun-like second evaluation at the next sigma already belongs to the next step
-    assert custom.value_at(3.0, SIGMAS) == 1
+    five = sigmas_for(5)
+    assert [custom.value_at(s, PERCENT_OF) for s in five[:-1]] == [0, 0, 1, 1, 0.5]
     # a list of another length is stretched over the steps
     stretched = sch.LambdaSchedule("custom", values=[0, 1])
-    assert [stretched.value_at(s, SIGMAS) for s in SIGMAS[:-1]] == [0, 0, 0, 1, 1]  # steps start at 0,20,40,60,80 %
+    assert [stretched.value_at(s, PERCENT_OF) for s in five[:-1]] == [0, 0, 0, 1, 1]  # steps start at 0,20,40,60,80 %
+
+
+def test_windows_are_half_open_and_absolute():
+    """'First 40 %' of 20 steps is 8 steps, not 9; and it is the same 8 steps when the 20 are
+    run as two stages of 10 (each stage sees only its own sigmas)."""
+    first_40 = sch.LambdaSchedule("interval", 1.5, start_percent=0.0, end_percent=0.4, lambda_outside=0.0)
+    twenty = sigmas_for(20)
+    one_stage = [first_40.value_at(s, PERCENT_OF) for s in twenty[:-1]]
+    assert one_stage == [1.5] * 8 + [0.0] * 12
+    stage_1, stage_2 = twenty[:11], twenty[10:]
+    two_stages = [first_40.value_at(s, PERCENT_OF) for s in stage_1[:-1]] + \
+                 [first_40.value_at(s, PERCENT_OF) for s in stage_2[:-1]]
+    assert two_stages == one_stage
+    # a window that ends at 100 % includes the last step
+    last = sch.LambdaSchedule("interval", 2.0, start_percent=0.5, end_percent=1.0, lambda_outside=0.0)
+    assert [last.value_at(s, PERCENT_OF) for s in twenty[:-1]] == [0.0] * 10 + [2.0] * 10
 
 
 def test_which_models_a_schedule_needs():
