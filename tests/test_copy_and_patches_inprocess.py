@@ -247,6 +247,8 @@ def test_separate_copy_is_built_like_comfy_sd_builds_a_model(comfy, sd15, pack, 
     aligned.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "deradiff_test", wrapper)
     aligned.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, "deradiff_test", callback)
     aligned.model_options.setdefault("transformer_options", {})["deradiff_test"] = [1, 2]
+    # as if loaded under Dynamic VRAM (0.33: ModelPatcherDynamic is a plain ModelPatcher on a CPU)
+    monkeypatch.setattr(aligned, "is_dynamic", lambda: True, raising=False)
     copy_ = pack.sampler.pair.separate_copy(aligned)
     assert isinstance(copy_, Recording) and Recording.made == 1
     assert copy_.model is not base.model and type(copy_.model) is type(base.model)
