@@ -59,3 +59,18 @@ def comfy(comfy_root):
 @pytest.fixture(scope="session")
 def pack(comfy):
     return load_pack()
+
+
+def pytest_report_header(config):
+    """Which ComfyUI the run tests, and the server arguments the workflow tests get."""
+    root = comfyui_runtime.comfyui_root()
+    version_file = root / "comfyui_version.py"
+    version = version_file.read_text().split('"')[-2] if version_file.exists() else "not installed yet"
+    line = f"ComfyUI {version} at {root}"
+    if (root / "comfy" / "cli_args.py").exists():
+        import comfy_server
+        try:
+            line += f"; server arguments: {' '.join(comfy_server.server_args(root))}"
+        except ValueError as why:
+            line += f"; {why}"
+    return line

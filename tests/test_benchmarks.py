@@ -34,3 +34,22 @@ def test_bench_shared_weights_tiny(comfy_root):
                       text, re.M)
     assert [r[0] for r in rows] == ["reference alone", "shared-weight pair (LoRA)", "two-full-models pair"]
     assert all(float(r[1]) > 0 for r in rows)
+
+
+def test_bench_server_memory_pack_keeps_nothing_alive(comfy_root, tmp_path):
+    """Through the real server with the classic cache, a pair's models live exactly as long as
+    ComfyUI's cache keeps the node outputs: every diffusion model alive after a prompt is held by
+    a cache entry or the loaded list (none by the pack alone), the plain prompt after the pair
+    prompts leaves one, and POST /free leaves none."""
+    import json
+    results = tmp_path / "memory.json"
+    run("benchmarks/bench_server_memory.py", "--cache", "classic", "--settle", "0.5", "--json", str(results))
+    data = json.loads(results.read_text())
+    assert [p["kind"] for p in data["prompts"]] == ["plain", "pair", "lora_pair", "sweep", "realign", "plain"]
+    for p in data["prompts"]:
+        assert all(m["held_by"] != ["OTHER"] for m in p["models_after"]), (p["kind"], p["models_after"])
+        assert p["peak_rss_mib"] > 0
+    assert data["prompts"][1]["live"]["BaseModel"] == 2       # the two models of the pair
+    assert data["prompts"][-1]["live"]["BaseModel"] == 1      # plain again: the pair is gone
+    assert data["prompts"][-1]["live"]["AlignedPair"] == 0
+    assert data["after_free"]["live"]["BaseModel"] == 0
