@@ -154,6 +154,19 @@ async ([name, text]) => {
     const t0 = Date.now();
     while (app.graph.nodes.length === 0 && Date.now() - t0 < 20000) await new Promise((r) => setTimeout(r, 50));
     await new Promise((r) => setTimeout(r, 500));
+    // Newer front ends (1.4x) no longer call app.showMissingModelsError: they check the models in
+    // the background and keep what is missing in their "missingModel" store (the right side panel).
+    const store = document.querySelector("#vue-app")?.__vue_app__?.config.globalProperties.$pinia?._s.get("missingModel");
+    if (store) {
+      const t1 = Date.now();
+      let missing = [];
+      while (Date.now() - t1 < 2500) {
+        missing = (store.missingModelCandidates ?? []).filter((c) => c.isMissing !== false);
+        if (missing.length) break;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      seen.missingModels.push(...missing.map((c) => `${c.directory}/${c.name}`));
+    }
   } finally {
     app.showMissingNodesError = origNodes;
     app.showMissingModelsError = origModels;
@@ -169,7 +182,7 @@ STATE_JS = r"""
   return {
     saved,
     nodes: app.graph.nodes.map((n) => ({
-      id: n.id, type: n.type, registered: n.type in LiteGraph.registered_node_types, hasErrors: !!n.has_errors,
+      id: n.id, type: n.type, title: n.title, registered: n.type in LiteGraph.registered_node_types, hasErrors: !!n.has_errors,
       widgets: (n.widgets ?? []).map((w) => ({name: w.name, type: w.type, value: w.value,
         choices: w.type === "combo" ? (typeof w.options.values === "function" ? w.options.values() : w.options.values) : null})),
       info: n.widgets?.find((w) => w.name === "deradiff_info")?.element?.textContent ?? null,
@@ -207,26 +220,32 @@ NODE_IMAGES_JS = r"""
 """
 
 
+# A dialog: PrimeVue's (front end 1.2x-1.3x) or any ARIA dialog (1.4x's own dialogs and modals).
+DIALOG = ".p-dialog, [role=dialog], [role=alertdialog]"
+
 # Warning and error toasts ("Invalid workflow against zod schema", "Prompt outputs failed
 # validation", ...) and open dialogs (missing nodes or models, error reports).
 ALERTS_JS = r"""
-() => ({
+(dialogs) => ({
   toasts: [...document.querySelectorAll(".p-toast-message")]
     .filter((e) => /p-toast-message-(error|warn)/.test(e.className)).map((e) => e.innerText.slice(0, 800)),
-  dialogs: [...document.querySelectorAll(".p-dialog")].filter((e) => e.getClientRects().length)
+  dialogs: [...document.querySelectorAll(dialogs)].filter((e) => e.getClientRects().length)
+    .filter((e, i, all) => !all.some((o) => o !== e && o.contains(e)))  // a dialog inside another: once
     .map((e) => e.innerText.slice(0, 800)),
 })
 """
 
 CLOSE_ALERTS_JS = r"""
-() => {
+(dialogs) => {
   for (const b of document.querySelectorAll(".p-toast-close-button, .p-dialog .p-dialog-close-button")) b.click();
+  for (const d of document.querySelectorAll(dialogs))
+    if (d.getClientRects().length) d.querySelector("button[aria-label='Close'], button[aria-label='close']")?.click();
 }
 """
 
 
 def assert_no_alerts(page, when):
-    alerts = page.evaluate(ALERTS_JS)
+    alerts = page.evaluate(ALERTS_JS, DIALOG)
     assert alerts == {"toasts": [], "dialogs": []}, f"the front end showed alerts {when}: {alerts}"
 
 
@@ -244,7 +263,7 @@ def screenshot(page, path: Path, crop_graph=False, frame=None):
         page.screenshot(path=str(path))
         return path
     toggle = "() => app.extensionManager.command.execute('Workspace.ToggleFocusMode')"
-    page.evaluate(CLOSE_ALERTS_JS)
+    page.evaluate(CLOSE_ALERTS_JS, DIALOG)
     page.evaluate(toggle)
     ds = page.evaluate("() => ({scale: app.canvas.ds.scale, offset: [...app.canvas.ds.offset]})")
     try:
@@ -300,6 +319,32 @@ def node_of(data, node_type):
     return [n for n in data["nodes"] if n["type"] == node_type]
 
 
+def match_nodes(file_nodes, graph_nodes):
+    """The file's node id -> the node the front end holds for it (a dict from STATE_JS).
+
+    By id where the graph has a node of the same type under that id (ids compared as text:
+    front end 1.4x keeps the loaded ids as strings, ``serialize()`` writes numbers); the rest by
+    type, the same title first, in order (a front end that renumbers nodes on load). A file node
+    with no counterpart is left out (the caller reports it)."""
+    matched, used = {}, set()
+    by_id = {str(n["id"]): n for n in graph_nodes}
+    for node in file_nodes:
+        got = by_id.get(str(node["id"]))
+        if got is not None and got["type"] == node["type"]:
+            matched[node["id"]] = got
+            used.add(str(got["id"]))
+    for node in file_nodes:
+        if node["id"] in matched:
+            continue
+        free = [n for n in graph_nodes if n["type"] == node["type"] and str(n["id"]) not in used]
+        titled = [n for n in free if node.get("title") and n.get("title") == node["title"]]
+        if titled or free:
+            got = (titled or free)[0]
+            matched[node["id"]] = got
+            used.add(str(got["id"]))
+    return matched
+
+
 # -- the prompt check itself (no browser) ----------------------------------------------------
 
 FAKE_INFO = {
@@ -335,6 +380,22 @@ def test_prompt_problems_finds(change, expected):
     assert any(expected in p for p in problems), problems
 
 
+def test_match_nodes_by_id_then_by_type_and_title():
+    file_nodes = [{"id": 1, "type": "Note"}, {"id": 3, "type": "CLIPTextEncode", "title": "Positive prompt"},
+                  {"id": 4, "type": "CLIPTextEncode", "title": "Negative prompt"}, {"id": 6, "type": "KSampler"}]
+    # ids kept, as strings (front end 1.4x)
+    same = [{"id": str(n["id"]), "type": n["type"], "title": n.get("title", n["type"])} for n in file_nodes]
+    assert {k: v["id"] for k, v in match_nodes(file_nodes, same).items()} == {1: "1", 3: "3", 4: "4", 6: "6"}
+    # renumbered (and reordered): by type, the same title first
+    renumbered = [{"id": 10, "type": "KSampler", "title": "KSampler"},
+                  {"id": 11, "type": "CLIPTextEncode", "title": "Negative prompt"},
+                  {"id": 12, "type": "CLIPTextEncode", "title": "Positive prompt"},
+                  {"id": 13, "type": "Note", "title": "Note"}]
+    assert {k: v["id"] for k, v in match_nodes(file_nodes, renumbered).items()} == {1: 13, 3: 12, 4: 11, 6: 10}
+    # a node the graph lost is left out
+    assert 6 not in match_nodes(file_nodes, renumbered[1:])
+
+
 # -- the server's template routes ---------------------------------------------------------
 
 def test_examples_exist():
@@ -361,7 +422,7 @@ def test_workflow_template_routes(server):
 def test_example_workflow_in_browser(name, ui, server, object_info):
     page, console = ui
     console.mark()
-    page.evaluate(CLOSE_ALERTS_JS)  # left open by an earlier test that failed
+    page.evaluate(CLOSE_ALERTS_JS, DIALOG)  # left open by an earlier test that failed
     page.wait_for_timeout(300)
     assert_no_alerts(page, "before the workflow was loaded")
     data = json.loads((EXAMPLES / f"{name}.json").read_text())
@@ -373,8 +434,12 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
     assert_no_alerts(page, f"when {name} was loaded")
     state = page.evaluate(STATE_JS)
     assert sorted(n["type"] for n in state["nodes"]) == sorted(n["type"] for n in data["nodes"])
-    loaded = {n["id"]: n for n in state["nodes"]}
-    saved = {n["id"]: n for n in state["saved"]["nodes"]}
+    loaded = match_nodes(data["nodes"], state["nodes"])
+    saved = match_nodes(data["nodes"], state["saved"]["nodes"])
+    unmatched = [(n["id"], n["type"]) for n in data["nodes"] if n["id"] not in loaded or n["id"] not in saved]
+    assert not unmatched, f"nodes of the file the loaded graph does not hold: {unmatched}"
+    # the id each file node has in the loaded graph (what the API prompt and getNodeById use)
+    live_id = {node_id: got["id"] for node_id, got in loaded.items()}
     for node in data["nodes"]:
         got = loaded[node["id"]]
         assert got["registered"] and not got["hasErrors"], f"{node['type']} did not load as a real node"
@@ -437,7 +502,7 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
     saves = node_of(data, "SaveImage")
     assert saves
     for save in saves:
-        images = outputs.get(str(save["id"]), {}).get("images", [])
+        images = outputs.get(str(live_id[save["id"]]), {}).get("images", [])
         assert images, f"SaveImage {save['id']} saved nothing: {outputs}"
         for img in images:
             path = server.workdir / "output" / img["subfolder"] / img["filename"]
@@ -449,17 +514,17 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
                 assert (w, h) == (RUN_SIZE, RUN_SIZE)
         page.wait_for_function(
             "(id) => { const n = app.graph.getNodeById(id); return !!(n?.imgs?.length && n.imgs.every((i) => i.complete && i.naturalWidth > 0)); }",
-            arg=save["id"], timeout=30_000)
+            arg=live_id[save["id"]], timeout=30_000)
     for sched in node_of(data, "DeRaDiffLambdaSchedule"):
-        ui_out = outputs.get(str(sched["id"]), {})
+        ui_out = outputs.get(str(live_id[sched["id"]]), {})
         assert ui_out.get("images") and ui_out.get("deradiff"), ui_out
         page.wait_for_function(
             "(id) => { const n = app.graph.getNodeById(id); return !!(n?.imgs?.length && n.imgs[0].complete && n.imgs[0].naturalWidth > 0); }",
-            arg=sched["id"], timeout=30_000)
-        shown = page.evaluate(NODE_IMAGES_JS, sched["id"])
+            arg=live_id[sched["id"]], timeout=30_000)
+        shown = page.evaluate(NODE_IMAGES_JS, live_id[sched["id"]])
         assert shown[0]["w"] >= 100 and ui_out["images"][0]["filename"] in shown[0]["src"], shown
     for node in samplers:  # after a run the line is the server's own description
-        text = outputs[str(node["id"])]["deradiff"][0]
+        text = outputs[str(live_id[node["id"]])]["deradiff"][0]
         page.wait_for_function("(t) => [...document.querySelectorAll('.deradiff-beta')].some((e) => e.textContent === t)",
                                arg=text, timeout=10_000)
     page.wait_for_timeout(300)
@@ -481,30 +546,38 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
 def test_templates_browser_lists_and_loads_the_examples(ui, server):
     page, console = ui
     console.mark()
-    page.evaluate(CLOSE_ALERTS_JS)
+    page.evaluate(CLOSE_ALERTS_JS, DIALOG)
     page.evaluate("() => app.graph.clear()")
     fetched = {}
     prefix = f"/api/workflow_templates/{PACK_DIR_NAME}/"
     page.on("response", lambda r: prefix in r.url and fetched.__setitem__(r.url.split(prefix)[1], r.status))
+    # the Templates button: "Templates" in the menu bar or side bar of 1.2x-1.3x; 1.4x's side bar
+    # button reads "Tem\u00adplates" (a soft hyphen) and is named by its aria-label
     page.locator("button:has-text('Templates'), [aria-label*='Templates']").first.click()
-    nav = page.locator(".p-dialog").get_by_text(PACK_DIR_NAME, exact=True).first
+    # the templates browser: a PrimeVue dialog (1.2x-1.3x) or 1.4x's own modal (role=dialog);
+    # the pack's folder is an entry under Extensions in its side nav
+    dialog = page.locator(DIALOG).filter(has=page.get_by_text(PACK_DIR_NAME, exact=True)).first
+    nav = dialog.get_by_text(PACK_DIR_NAME, exact=True).first
     nav.wait_for(timeout=30_000)
     nav.click()
     for name in EXAMPLE_NAMES:
-        page.locator(".p-dialog").get_by_text(name, exact=True).first.wait_for(timeout=30_000)
+        dialog.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
     # every card shows its thumbnail: fetched from the pack's template route and decoded
     page.wait_for_function(
-        "(n) => [...document.querySelectorAll('.p-dialog img')].filter((i) => i.complete && i.naturalWidth > 0).length >= n",
-        arg=len(EXAMPLE_NAMES), timeout=30_000)
+        """([sel, pack, n]) => {
+          const d = [...document.querySelectorAll(sel)].find((e) => e.getClientRects().length && e.innerText.includes(pack));
+          return !!d && [...d.querySelectorAll('img')].filter((i) => i.complete && i.naturalWidth > 0).length >= n;
+        }""",
+        arg=[DIALOG, PACK_DIR_NAME, len(EXAMPLE_NAMES)], timeout=30_000)
     assert {k: v for k, v in fetched.items() if k.endswith(".jpg")} == {f"{n}.jpg": 200 for n in EXAMPLE_NAMES}, fetched
     page.wait_for_timeout(300)
-    page.locator(".p-dialog").first.screenshot(path=str(SHOTS / "templates-browser.png"))
+    dialog.screenshot(path=str(SHOTS / "templates-browser.png"))
     if UPDATE_IMAGES:
         write_doc_image(SHOTS / "templates-browser.png", DOCS / "templates_browser.png")
     # a click on a card loads that workflow
     name = "deradiff_lambda_sweep_grid"
     data = json.loads((EXAMPLES / f"{name}.json").read_text())
-    page.locator(".p-dialog").get_by_text(name, exact=True).first.click()
+    dialog.get_by_text(name, exact=True).first.click()
     page.wait_for_function("(n) => app.graph.nodes.length === n", arg=len(data["nodes"]), timeout=30_000)
     page.wait_for_timeout(500)
     assert fetched.get(f"{name}.json") == 200, fetched
