@@ -57,7 +57,7 @@ def _attention_weights(model):
     sd = model.model_state_dict("diffusion_model.")
     return {k: v for k, v in sd.items()
             if k.endswith(".weight") and v.ndim == 2 and (".attn1.to_" in k or ".attn2.to_" in k)
-            and not k.endswith("scale_weight")}
+            and not k.endswith(("scale_weight", "weight_scale"))}
 
 
 def write_adapters(folder, reference) -> dict:
@@ -159,7 +159,8 @@ def scaled_fp8(comfy, sd15, adapters, tmp_path_factory):
     save_file(out, folder / "sd15_scaled_fp8.safetensors")
     save_file(truth, folder / "sd15_scaled_fp8_as_fp32.safetensors")
     folder_paths.add_model_folder_path("checkpoints", str(folder))
-    model = nodes.CheckpointLoaderSimple().load_checkpoint("sd15_scaled_fp8.safetensors")[0]
+    with torch.inference_mode():  # loaded as ComfyUI's executor loads it (newer quantized layers need it)
+        model = nodes.CheckpointLoaderSimple().load_checkpoint("sd15_scaled_fp8.safetensors")[0]
     return model
 
 
@@ -172,13 +173,19 @@ def test_scaled_fp8_reference_shared_path_matches_comfyui_merge(comfy, sd15, pac
     # as ComfyUI's executor runs nodes (the scaled-fp8 merge needs it on a CPU)
     with torch.inference_mode():
         ref = scaled_fp8
-        fp8_layers = [k for k, v in ref.model_state_dict("diffusion_model.").items() if k.endswith("scale_weight")]
+        # 0.3.x keeps the file's per-layer ``scale_weight``; newer ComfyUI converts the layers to its
+        # quantized format (``weight_scale`` + ``comfy_quant``)
+        fp8_layers = [k for k, v in ref.model_state_dict("diffusion_model.").items()
+                      if k.endswith(("scale_weight", "weight_scale"))]
         assert fp8_layers, "the stand-in is not a scaled-fp8 model"
         aligned = lora(ref, sd15["clip"], adapters[kind])
         pair = make_pair(pack, ref, aligned)
         side = pair.aligned_side()
         assert side.shared is not None
-        assert bool(side.shared.low_rank) == (kind == "lora")
+        if kind != "lora":  # weight-space types never take the activation-space LoRA hook
+            assert not side.shared.low_rank
+        # (a plain LoRA takes the hook on 0.3.x's scaled-fp8 layers and the weight path on newer
+        # ComfyUI's quantized layers; either must meet the bound below)
         got = realign(pack, pair, 1.0, sd15)
         mm.unload_all_models()
         merged = lora(independent("sd15_scaled_fp8.safetensors"), sd15["clip"], adapters[kind])
@@ -198,8 +205,12 @@ def test_scaled_fp8_reference_shared_path_matches_comfyui_merge(comfy, sd15, pac
         # differ by that rounding: the shared path must be at least as close to the truth
         assert errors["vs_fp32_truth"] <= errors["comfyui_merge_vs_fp32_truth"] + TOL, errors
     else:
-        # the same arithmetic as ComfyUI's merge (real units, float32, the layer's own fp8 rounding)
-        assert errors["vs_comfyui_merge"] <= TOL, errors
+        # 0.3.x: the same arithmetic as ComfyUI's merge (real units, float32, the layer's own fp8
+        # rounding). Newer ComfyUI keeps quantized layers whose weight the on-the-fly update sees in
+        # real units (exactly the float32 truth) while its merge re-quantizes W + dW: there the
+        # shared path must be at least as close to the truth as ComfyUI's merge.
+        assert (errors["vs_comfyui_merge"] <= TOL
+                or errors["vs_fp32_truth"] <= errors["comfyui_merge_vs_fp32_truth"] + TOL), errors
 
 
 # -- (C) the separate copy does not inherit the reference's in-place object patches -------------
