@@ -63,6 +63,7 @@ class RealignedCalcCondBatch:
         self.model_sampling = realigned.get_model_object("model_sampling")
         self.weight_patch_counts = {k: len(v) for k, v in realigned.patches.items()}
         self._run = None  # (sample_sigmas, aligned base options, percent_of) of the current run
+        self._derived = None  # (options passed in, base, aligned options derived from them)
 
     def __deepcopy__(self, memo):
         # ComfyUI 0.3.75's clone() deep-copies model_options; copying this would copy the
@@ -78,11 +79,16 @@ class RealignedCalcCondBatch:
         return self._run
 
     def _aligned_options(self, base, options):
+        # samplers pass one options dict for a whole run: derive the aligned options once for it
+        if self._derived is not None and self._derived[0] is options and self._derived[1] is base:
+            return self._derived[2]
         later = added_since(self.shape, options)
         later = {k: v for k, v in later.items() if k not in _RUN_KEYS}
         if self.side.patcher is not None:
             later = select(later, _PORTABLE)
-        return merged(base, later)
+        result = merged(base, later)
+        self._derived = (options, base, result)
+        return result
 
     @contextlib.contextmanager
     def _separate_model_sampling(self, model, aligned_model):
@@ -121,7 +127,7 @@ class RealignedCalcCondBatch:
     # -- what a separate aligned model cannot take --------------------------------
     def report_unshared(self, patcher):
         """ON_PRE_RUN: say which later additions apply to the reference only."""
-        self._run = None
+        self._run = self._derived = None
         if self.side.patcher is None:
             return
         grown = [k for k, v in patcher.patches.items() if len(v) > self.weight_patch_counts.get(k, 0)]

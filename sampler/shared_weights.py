@@ -265,7 +265,6 @@ class SharedWeightDelta:
                 fn = _OutOfPlaceWeightPatch(key, self.patches)
             self.weight_patches.append((module, slot, fn))
         self.model = model
-        self.aligned_model_options = aligned.model_options
         self._handles = []
 
     def _cache_for_this_run(self):
