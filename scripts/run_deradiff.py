@@ -106,6 +106,16 @@ def main():
     root = comfyui_runtime.ensure_runtime()
     comfyui_runtime.add_to_path(root, cpu=True)  # the stand-ins are written in this process, on the CPU
     workdir = Path(tempfile.mkdtemp(prefix="deradiff-run-"))
+    try:
+        run(args, root, workdir)
+    except BaseException:
+        print(f"kept {workdir} (ComfyUI's log is in its comfy/ folder)", file=sys.stderr)
+        raise
+    # only links and ComfyUI's scratch files: the stand-ins stay in .cache
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args, root, workdir: Path):
     models_dir, ref_name, aligned_choice = link_models(args, workdir / "models")
     with comfy_server.ComfyServer(root, models_dir, workdir / "comfy", cpu=not args.gpu) as server:
         print(f"ComfyUI {root} is up; log: {server.log_path}")
