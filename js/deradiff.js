@@ -1,9 +1,18 @@
-// DeRaDiff front-end: shows the emulated KL strength β/λ under the λ input.
-// A DOM widget (not onDrawForeground) so it also renders in the Vue node renderer.
+// DeRaDiff front-end: the emulated KL strength β/λ under the λ input, the λ-schedule preview, and
+// the β the sweep grid labels with.
+// β (on the pair nodes) and preview_steps (on the schedule) only change what is drawn here, so they
+// are kept out of the prompt: changing them re-runs nothing. Saved workflows still keep them.
+// DOM widgets (not onDrawForeground) so they also render in the Vue node renderer.
 import { app } from "../../scripts/app.js";
 
 const SAMPLER_NODES = new Set(["DeRaDiffKSampler", "DeRaDiffGuider"]);
 const PAIR_NODES = new Set(["DeRaDiffLoadAlignedPair", "DeRaDiffMakePair"]);
+const SCHEDULE_NODE = "DeRaDiffLambdaSchedule";
+const SWEEP_NODE = "DeRaDiffLambdaSweep";
+const GRID_NODE = "DeRaDiffSweepGrid";
+export const SCHEDULE_PENDING = "λ follows the connected λ Schedule (described here after a run).";
+const EDITOR_ONLY = { [SCHEDULE_NODE]: ["preview_steps"] };
+for (const name of PAIR_NODES) EDITOR_ONLY[name] = ["beta"];
 
 export function emulatedBetaText(lambda, beta) {
   const lam = Number(lambda);
@@ -15,52 +24,185 @@ export function emulatedBetaText(lambda, beta) {
   return `λ = ${lam}: ${role}, emulates β/λ = ${+(beta / lam).toPrecision(4)} (trained at β = ${beta})`;
 }
 
-function pairBeta(node) {
-  const input = node.inputs?.find((i) => i.name === "pair");
+const classOf = (node) => node?.comfyClass ?? node?.type;
+const widget = (node, name) => node?.widgets?.find((w) => w.name === name);
+
+function upstream(node, inputName) {
+  const input = node?.inputs?.find((i) => i.name === inputName);
   const link = input?.link != null ? node.graph?.links?.[input.link] : null;
-  const origin = link ? node.graph.getNodeById(link.origin_id) : null;
-  if (!origin || !PAIR_NODES.has(origin.comfyClass ?? origin.type)) return 0;
-  return Number(origin.widgets?.find((w) => w.name === "beta")?.value) || 0;
+  return link ? node.graph.getNodeById(link.origin_id) : null;
+}
+
+// β of the pair node feeding this node's `pair` input (0 when unknown).
+function pairBeta(node) {
+  const origin = upstream(node, "pair");
+  if (!origin || !PAIR_NODES.has(classOf(origin))) return 0;
+  return Number(widget(origin, "beta")?.value) || 0;
+}
+
+// The schedule's own pair input, else the pair of the first sampler it feeds.
+function scheduleBeta(node) {
+  const own = pairBeta(node);
+  if (own) return own;
+  for (const linkId of node.outputs?.[0]?.links ?? []) {
+    const link = node.graph?.links?.[linkId];
+    const target = link ? node.graph.getNodeById(link.target_id) : null;
+    const beta = target ? pairBeta(target) : 0;
+    if (beta) return beta;
+  }
+  return 0;
+}
+
+// The grid's β: its own widget when set, else the pair loader's behind the sweep that made the labels.
+function gridBeta(node) {
+  const own = Number(widget(node, "beta")?.value) || 0;
+  if (own) return own;
+  const sweep = upstream(node, "labels");
+  return classOf(sweep) === SWEEP_NODE ? pairBeta(sweep) : 0;
+}
+
+// Every drawing in the graph that may show this β (the pair's own graph: a subgraph, or the root).
+function refreshAll(graph) {
+  const g = graph ?? app.graph;
+  for (const node of g?._nodes ?? g?.nodes ?? []) node.deradiffRefresh?.();
+}
+
+function chain(obj, key, after) {
+  const before = obj[key];
+  obj[key] = function () {
+    const r = before?.apply(this, arguments);
+    after.apply(this, arguments);
+    return r;
+  };
+}
+
+function fmt(v) {
+  if (v === Infinity) return "∞";
+  return Math.abs(v) < 1e4 ? String(+v.toPrecision(4)) : v.toFixed(0);
+}
+
+// The λ curve over the denoising progress, a mark per step, β/λ at both ends when β is known.
+export function drawSchedule(canvas, preview, steps, beta, text) {
+  const dpr = window.devicePixelRatio || 1;
+  const w = Math.max(120, canvas.clientWidth || 400), h = Math.max(80, canvas.clientHeight || 200);
+  canvas.width = Math.round(w * dpr);
+  canvas.height = Math.round(h * dpr);
+  const g = canvas.getContext("2d");
+  g.setTransform(dpr, 0, 0, dpr, 0, 0);
+  g.fillStyle = "rgb(24,24,28)";
+  g.fillRect(0, 0, w, h);
+  g.font = "11px sans-serif";
+  g.fillStyle = "rgb(220,220,230)";
+  if (!preview?.curve?.length) {
+    g.fillText("Queue the prompt to draw the λ curve.", 8, 18);
+    return;
+  }
+  const curve = preview.curve;
+  const marks = preview.custom_steps || steps;
+  const [left, right, top, bottom] = [44, 12, 24, 30];
+  const hi = Math.max(1, ...curve) * 1.1;
+  const px = (p) => left + p * (w - left - right);
+  const py = (v) => top + (1 - v / hi) * (h - top - bottom);
+  g.strokeStyle = "rgb(90,90,100)";
+  g.strokeRect(left, top, w - left - right, h - top - bottom);
+  g.strokeStyle = "rgb(120,120,130)";
+  g.beginPath();
+  for (let k = 0; k <= marks; k++) {
+    const x = px(k / marks);
+    g.moveTo(x, h - bottom);
+    g.lineTo(x, h - bottom + (k % 5 ? 4 : 7));
+  }
+  g.stroke();
+  g.fillStyle = "rgb(170,170,180)";
+  for (const v of hi > 2 ? [0, 1, 2] : [0, 1]) {
+    g.strokeStyle = "rgb(60,60,70)";
+    g.beginPath();
+    g.moveTo(left, py(v));
+    g.lineTo(w - right, py(v));
+    g.stroke();
+    g.fillText(`λ=${v}`, 4, py(v) + 4);
+  }
+  g.strokeStyle = "rgb(255,170,60)";
+  g.lineWidth = 2;
+  g.beginPath();
+  curve.forEach((v, i) => (i ? g.lineTo : g.moveTo).call(g, px(i / (curve.length - 1)), py(v)));
+  g.stroke();
+  g.lineWidth = 1;
+  g.fillText(`0 %   denoising progress (${marks} steps)   100 %`, left, h - bottom + 20);
+  g.fillStyle = "rgb(220,220,230)";
+  const ends = (v) => (v === 0 ? "∞" : fmt(beta / v));
+  g.fillText(beta ? `β = ${beta}; β/λ: start ${ends(curve[0])}, end ${ends(curve[curve.length - 1])}`
+    : (text || "λ schedule (connect a pair with β to see β/λ)"), left, 16);
+}
+
+function addInfoBox(node) {
+  const el = document.createElement("div");
+  el.className = "deradiff-beta";
+  el.style.cssText = "font-size:11px;opacity:0.8;padding:2px 6px;white-space:normal;";
+  const box = node.addDOMWidget("deradiff_info", "deradiff_info", el, { serialize: false });
+  box.computeSize = () => [0, 32];
+  // With a schedule connected the constant λ is unused: show the schedule's own description (from
+  // the last run) instead of a misleading λ line.
+  const refresh = () => {
+    el.textContent = upstream(node, "lambda_schedule")
+      ? node.deradiffScheduleText ?? SCHEDULE_PENDING
+      : emulatedBetaText(widget(node, "lambda")?.value, pairBeta(node));
+  };
+  const lam = widget(node, "lambda");
+  if (lam) chain(lam, "callback", refresh);
+  node.deradiffRefresh = refresh;
+  setTimeout(refresh, 0);
+}
+
+function addSchedulePreview(node) {
+  const canvas = document.createElement("canvas");
+  canvas.className = "deradiff-schedule";
+  canvas.style.cssText = "width:100%;height:200px;display:block;";
+  const box = node.addDOMWidget("deradiff_preview", "deradiff_preview", canvas, { serialize: false });
+  box.computeSize = () => [0, 206];
+  const redraw = () => drawSchedule(canvas, node.deradiffPreview, Number(widget(node, "preview_steps")?.value) || 20,
+    scheduleBeta(node), node.deradiffText);
+  const steps = widget(node, "preview_steps");
+  if (steps) chain(steps, "callback", redraw);
+  node.deradiffRefresh = redraw;
+  setTimeout(redraw, 0);
 }
 
 app.registerExtension({
   name: "DeRaDiff.EmulatedBeta",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!SAMPLER_NODES.has(nodeData.name)) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const r = onNodeCreated?.apply(this, arguments);
-      const el = document.createElement("div");
-      el.className = "deradiff-beta";
-      el.style.cssText = "font-size:11px;opacity:0.8;padding:2px 6px;white-space:normal;";
-      const widget = this.addDOMWidget("deradiff_info", "deradiff_info", el, { serialize: false });
-      widget.computeSize = () => [0, 32];
-      const refresh = () => {
-        const lam = this.widgets?.find((w) => w.name === "lambda")?.value;
-        el.textContent = emulatedBetaText(lam, pairBeta(this));
-      };
-      const lamWidget = this.widgets?.find((w) => w.name === "lambda");
-      if (lamWidget) {
-        const cb = lamWidget.callback;
-        lamWidget.callback = function () { const out = cb?.apply(this, arguments); refresh(); return out; };
+    const name = nodeData.name;
+    const relevant = SAMPLER_NODES.has(name) || PAIR_NODES.has(name) || name === SCHEDULE_NODE || name === GRID_NODE;
+    if (!relevant) return;
+    chain(nodeType.prototype, "onNodeCreated", function () {
+      for (const inputName of EDITOR_ONLY[name] ?? []) {
+        const w = widget(this, inputName);
+        if (!w) continue;
+        if (w.options) w.options.serialize = false;  // saved in the workflow, not sent to the server
+        else w.options = { serialize: false };
+        chain(w, "callback", () => refreshAll(this.graph));
       }
-      this.deradiffRefresh = refresh;
-      setTimeout(refresh, 0);
-      return r;
-    };
-    const onConnectionsChange = nodeType.prototype.onConnectionsChange;
-    nodeType.prototype.onConnectionsChange = function () {
-      const r = onConnectionsChange?.apply(this, arguments);
-      this.deradiffRefresh?.();
-      return r;
-    };
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      const r = onExecuted?.apply(this, arguments);
-      const text = message?.deradiff?.[0];
-      const el = this.widgets?.find((w) => w.name === "deradiff_info")?.element;
-      if (text && el) el.textContent = text;
-      return r;
-    };
+      if (SAMPLER_NODES.has(name)) addInfoBox(this);
+      if (name === SCHEDULE_NODE) addSchedulePreview(this);
+      if (name === GRID_NODE) {
+        const beta = widget(this, "beta");
+        if (beta) beta.serializeValue = () => gridBeta(this);
+      }
+    });
+    chain(nodeType.prototype, "onConnectionsChange", function () {
+      if (PAIR_NODES.has(name)) refreshAll(this.graph);
+      else this.deradiffRefresh?.();
+    });
+    chain(nodeType.prototype, "onExecuted", function (message) {
+      if (name === SCHEDULE_NODE) {
+        this.deradiffPreview = message?.deradiff_preview?.[0];
+        this.deradiffText = message?.deradiff?.[0];
+        this.deradiffRefresh?.();
+      } else if (SAMPLER_NODES.has(name)) {
+        // a schedule's own description; a constant λ's line is written here, with the editor's β
+        this.deradiffScheduleText = message?.deradiff_schedule?.[0] ? message.deradiff?.[0] : undefined;
+        this.deradiffRefresh?.();
+      }
+    });
   },
 });

@@ -15,6 +15,12 @@ def _ui_text(pair, lam, schedule_text):
     return schedule_text or emulated_beta_text(pair.beta, lam)
 
 
+def _ui(text, schedule_text):
+    # The editor writes the constant-λ line itself (β comes from the pair loader's widget, which is
+    # not sent to the server); it only takes the server's line for a schedule.
+    return {"deradiff": [text], "deradiff_schedule": [schedule_text is not None]}
+
+
 class DeRaDiffKSampler:
     NODE = "DeRaDiff KSampler"
     DESCRIPTION = ("A drop-in KSampler that samples from the geometric mixture of a reference and an "
@@ -44,7 +50,7 @@ class DeRaDiffKSampler:
         log.info("DeRaDiff KSampler: %s", text)
         out = realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                  latent_image, denoise)
-        return {"ui": {"deradiff": [text]}, "result": (out,)}
+        return {"ui": _ui(text, schedule_text), "result": (out,)}
 
 
 class DeRaDiffGuiderNode:
@@ -75,4 +81,4 @@ class DeRaDiffGuiderNode:
         lam, schedule_text = lambda_or_schedule(self.NODE, kwargs)
         guider = DeRaDiffGuider(pair, lam, cfg)
         guider.set_conds(positive, negative)
-        return {"ui": {"deradiff": [_ui_text(pair, lam, schedule_text)]}, "result": (guider,)}
+        return {"ui": _ui(_ui_text(pair, lam, schedule_text), schedule_text), "result": (guider,)}

@@ -1,11 +1,5 @@
 from __future__ import annotations
 
-import os
-import uuid
-
-import folder_paths
-
-from ..sampler.plots import schedule_preview
 from ..sampler.schedules import SHAPES, LambdaSchedule, parse_values
 from .common import CATEGORY, PAIR_TYPE, SCHEDULE_TYPE, NodeInputError
 
@@ -47,17 +41,20 @@ class DeRaDiffLambdaSchedule:
                 "custom_values": ("STRING", {"default": "1, 1, 1, 0.5, 0", "multiline": False,
                                              "tooltip": "custom only: one λ per step, separated by commas. "
                                                         "A list of another length is stretched over the steps."}),
-                "preview_steps": ("INT", {"default": 20, "min": 1, "max": 1000,
-                                          "tooltip": "Steps to mark on the preview (the sampler's steps)."}),
             },
             "optional": {
+                # Drawn in the editor only: the front end leaves it out of the prompt, so changing it
+                # re-runs nothing.
+                "preview_steps": ("INT", {"default": 20, "min": 1, "max": 1000,
+                                          "tooltip": "Steps to mark on the preview (the sampler's steps). "
+                                                     "Only changes the drawing: nothing is re-run."}),
                 "custom_floats": ("FLOATS", {"tooltip": "custom only: per-step λ values from another node; overrides custom_values."}),
                 "pair": (PAIR_TYPE, {"tooltip": "Optional: the pair, to show the emulated β/λ when its β is known."}),
             },
         }
 
     def build(self, shape, lambda_from, lambda_to, start_percent, end_percent, lambda_outside, custom_values,
-              preview_steps, custom_floats=None, pair=None):
+              preview_steps=None, custom_floats=None, pair=None):
         values = None
         if shape == "custom":
             if custom_floats is not None:
@@ -80,12 +77,9 @@ class DeRaDiffLambdaSchedule:
         if end_percent < start_percent:
             raise NodeInputError(self.NODE, "end_percent", f"end_percent ({end_percent}) is before start_percent ({start_percent})")
         schedule = LambdaSchedule(shape, lambda_from, lambda_to, start_percent, end_percent, lambda_outside, values)
-        if shape == "custom" and len(values) != preview_steps:
-            preview_steps = len(values)
-        image = schedule_preview(schedule.curve(), preview_steps, getattr(pair, "beta", None))
-        name = f"deradiff_schedule_{uuid.uuid4().hex[:10]}.png"
-        os.makedirs(folder_paths.get_temp_directory(), exist_ok=True)
-        image.save(os.path.join(folder_paths.get_temp_directory(), name))
-        return {"ui": {"images": [{"filename": name, "subfolder": "", "type": "temp"}],
-                       "deradiff": [schedule.describe()]},
+        # The editor draws the preview from the curve (step marks and β/λ are its own, so they
+        # change without a run); a custom list marks its own entries.
+        preview = {"curve": schedule.curve(), "custom_steps": len(values) if shape == "custom" else 0,
+                   "beta": float(getattr(pair, "beta", 0.0) or 0.0)}
+        return {"ui": {"deradiff": [schedule.describe()], "deradiff_preview": [preview]},
                 "result": (schedule,)}

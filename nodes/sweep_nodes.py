@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -17,6 +18,20 @@ def sweep_label(lam: float, beta) -> str:
     if not beta:
         return f"λ={lam:g}"
     return f"λ={lam:g}  β/λ={'∞' if lam == 0 else fmt_number(beta / lam)}"
+
+
+_LAMBDA_ONLY = re.compile(r"^\s*λ=([0-9.eE+-]+)\s*$")
+
+
+def with_beta(label: str, beta) -> str:
+    """A λ-only sweep label with β/λ added; any other label as it is."""
+    m = _LAMBDA_ONLY.match(label)
+    if not beta or m is None:
+        return label
+    try:
+        return sweep_label(float(m.group(1)), beta)
+    except ValueError:
+        return label
 
 
 class DeRaDiffLambdaSweep:
@@ -88,11 +103,21 @@ class DeRaDiffSweepGrid:
                 "labels": ("STRING", {"forceInput": True, "tooltip": "The sweep's labels output."}),
                 "columns": ("INT", {"default": 0, "min": 0, "max": 64,
                                     "tooltip": "Images per row; 0 = automatic (one row up to 8 images, else about square)."}),
-            }
+            },
+            "optional": {
+                # The pair loader's β is not sent to the server (so changing it re-runs nothing
+                # expensive); the editor fills this one from it, and only the grid re-runs.
+                "beta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 0.1,
+                                   "tooltip": "β the aligned model was trained at, to label each image with "
+                                              "the emulated β/λ. 0 = the β of the pair loader feeding the "
+                                              "sweep (or none). Changing it only redraws the grid."}),
+            },
         }
 
-    def grid(self, images, labels, columns):
-        lines = labels.split("\n") if labels else []
+    def grid(self, images, labels, columns, beta=0.0):
+        if not (beta >= 0 and math.isfinite(beta)):
+            raise NodeInputError(self.NODE, "beta", f"β must be a finite number >= 0, got {beta}")
+        lines = [with_beta(line, beta) for line in labels.split("\n")] if labels else []
         if len(lines) != images.shape[0]:
             raise NodeInputError(self.NODE, "labels", f"{len(lines)} labels for {images.shape[0]} images; connect "
                                  "the labels output of the same λ Sweep whose latents were decoded")

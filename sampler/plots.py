@@ -1,4 +1,4 @@
-"""Small PIL drawings: the λ-schedule preview and the labelled sweep grid. No ComfyUI imports."""
+"""Small PIL drawing: the labelled sweep grid. No ComfyUI imports."""
 from __future__ import annotations
 
 import math
@@ -45,37 +45,6 @@ def fmt_number(v: float) -> str:
     if v == float("inf"):
         return "∞"
     return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-
-
-def schedule_preview(curve, steps: int, beta=None, size=(400, 220)) -> Image.Image:
-    """λ over the denoising progress (x: 0..100 %), step boundaries marked; β/λ labels if β known."""
-    w, h = size
-    left, right, top, bottom = 44, 12, 24, 30
-    img = Image.new("RGB", size, (24, 24, 28))
-    draw = ImageDraw.Draw(img)
-    font = _font(11)
-    hi = max(1.0, max(curve)) * 1.1
-    px = lambda p: left + p * (w - left - right)
-    py = lambda v: top + (1 - v / hi) * (h - top - bottom)
-    draw.rectangle([left, top, w - right, h - bottom], outline=(90, 90, 100))
-    for k in range(steps + 1):
-        x = px(k / steps)
-        draw.line([x, h - bottom, x, h - bottom + (4 if k % 5 else 7)], fill=(120, 120, 130))
-    for v in (0.0, 1.0) + ((2.0,) if hi > 2 else ()):
-        y = py(v)
-        draw.line([left, y, w - right, y], fill=(60, 60, 70))
-        draw.text((4, y - 6), _text(font, f"λ={v:g}"), fill=(170, 170, 180), font=font)
-    points = [(px(i / (len(curve) - 1)), py(v)) for i, v in enumerate(curve)]
-    draw.line(points, fill=(255, 170, 60), width=2)
-    draw.text((left, h - bottom + 9), f"0 %   denoising progress ({steps} steps)   100 %", fill=(170, 170, 180), font=font)
-    if beta:
-        first, last = curve[0], curve[-1]
-        fmt = lambda v: "∞" if v == 0 else fmt_number(beta / v)
-        draw.text((left, 5), _text(font, f"β = {beta:g}; β/λ: start {fmt(first)}, end {fmt(last)}"),
-                  fill=(220, 220, 230), font=font)
-    else:
-        draw.text((left, 5), _text(font, "λ schedule (connect a pair with β to see β/λ)"), fill=(220, 220, 230), font=font)
-    return img
 
 
 def labelled_grid(images: np.ndarray, labels: list[str], columns: int = 0) -> np.ndarray:

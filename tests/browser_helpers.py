@@ -187,7 +187,7 @@ def _lambda_sweep():
         _sd15_models_note("\n\nThe sweep samples every λ with the same seed in one batched pass; the grid "
                           "labels each image with λ and the emulated β/λ."),
         "DeRaDiff/lambda_sweep",
-        extra_nodes=[_node("grid", "DeRaDiffSweepGrid", (1320, 90), {"columns": 0}, size=(260, None))])
+        extra_nodes=[_node("grid", "DeRaDiffSweepGrid", (1320, 90), {"columns": 0, "beta": 0.0}, size=(260, None))])
     for n in nodes:
         if n["key"] == "save":
             n["pos"] = [1320, 200]

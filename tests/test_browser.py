@@ -199,6 +199,36 @@ INFO_BOX_JS = r"""
 })
 """
 
+# The λ Schedule's plot, drawn by the pack's JS on a canvas: how much of it is the curve's colour,
+# and a digest of all its pixels.
+SCHEDULE_CANVAS_JS = r"""
+(id) => {
+  const n = app.graph.getNodeById(id);
+  const c = n?.widgets?.find((w) => w.name === "deradiff_preview")?.element;
+  if (!c || !c.width) return null;
+  const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  let curve = 0, digest = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (Math.abs(d[i] - 255) + Math.abs(d[i + 1] - 170) + Math.abs(d[i + 2] - 60) < 40) curve++;
+    digest = (digest * 31 + d[i] + 7 * d[i + 1] + 13 * d[i + 2]) % 1000000007;
+  }
+  const r = c.getBoundingClientRect();
+  return {curve, digest, w: r.width, h: r.height};
+}
+"""
+
+# Sets a widget as the user would (value, then the widget's callback).
+SET_WIDGET_JS = r"""
+([id, name, value]) => {
+  const w = app.graph.getNodeById(id).widgets.find((w) => w.name === name);
+  w.value = value;
+  w.callback?.(value, app.canvas, app.graph.getNodeById(id));
+  app.graph.setDirtyCanvas(true, true);
+}
+"""
+
+PROMPT_JS = "async () => (await app.graphToPrompt()).output"
+
 # What a user does before pressing Run here: small images, few steps.
 SHRINK_JS = r"""
 ([size, steps]) => {
@@ -209,16 +239,6 @@ SHRINK_JS = r"""
   app.graph.setDirtyCanvas(true, true);
 }
 """
-
-# Images the canvas shows on a node (SaveImage output, the λ Schedule's plot).
-NODE_IMAGES_JS = r"""
-(id) => {
-  const n = app.graph.getNodeById(id);
-  const imgs = n?.imgs ?? [];
-  return imgs.map((i) => ({src: i.src, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}));
-}
-"""
-
 
 # A dialog: PrimeVue's (front end 1.2x-1.3x) or any ARIA dialog (1.4x's own dialogs and modals).
 DIALOG = ".p-dialog, [role=dialog], [role=alertdialog]"
@@ -472,7 +492,7 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
         lam = next(w["value"] for w in loaded[node["id"]]["widgets"] if w["name"] == "lambda")
         beta = next(w["value"] for w in loaded[pair["id"]]["widgets"] if w["name"] == "beta")
         assert box["visible"] and box["w"] > 50 and box["h"] > 5, box
-        assert box["text"] == expected_info_text(lam, beta)
+        assert box["text"] == (SCHEDULE_PENDING if scheduled(node) else expected_info_text(lam, beta))
     loaded_shot = screenshot(page, SHOTS / f"{name}-loaded.png", crop_graph=True)
     frame_types, thumb_after_run = THUMBNAILS[name]
     if not thumb_after_run:
@@ -484,6 +504,7 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
         n["type"] for n in data["nodes"] if n["type"] not in ("Note", "MarkdownNote")}
     problems = prompt_problems(prompt, object_info)
     assert not problems, "the prompt does not match /object_info:\n" + "\n".join(problems)
+    check_editor_only_inputs(page, data, loaded, live_id, prompt)
     assert console.errors() == [], f"errors while loading {name}: {console.errors()}"
 
     # 4. run it, small
@@ -516,15 +537,24 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
             "(id) => { const n = app.graph.getNodeById(id); return !!(n?.imgs?.length && n.imgs.every((i) => i.complete && i.naturalWidth > 0)); }",
             arg=live_id[save["id"]], timeout=30_000)
     for sched in node_of(data, "DeRaDiffLambdaSchedule"):
-        ui_out = outputs.get(str(live_id[sched["id"]]), {})
-        assert ui_out.get("images") and ui_out.get("deradiff"), ui_out
-        page.wait_for_function(
-            "(id) => { const n = app.graph.getNodeById(id); return !!(n?.imgs?.length && n.imgs[0].complete && n.imgs[0].naturalWidth > 0); }",
-            arg=live_id[sched["id"]], timeout=30_000)
-        shown = page.evaluate(NODE_IMAGES_JS, live_id[sched["id"]])
-        assert shown[0]["w"] >= 100 and ui_out["images"][0]["filename"] in shown[0]["src"], shown
-    for node in samplers:  # after a run the line is the server's own description
-        text = outputs[str(live_id[node["id"]])]["deradiff"][0]
+        sid = live_id[sched["id"]]
+        ui_out = outputs.get(str(sid), {})
+        assert ui_out.get("deradiff_preview") and ui_out.get("deradiff"), ui_out
+        page.wait_for_function(f"() => ({SCHEDULE_CANVAS_JS})({sid})?.curve > 50", timeout=30_000)
+        drawn = page.evaluate(SCHEDULE_CANVAS_JS, sid)
+        assert drawn["w"] >= 100 and drawn["h"] >= 60, drawn
+        # preview_steps only re-draws the marks: the plot changes, the prompt does not
+        before = page.evaluate(PROMPT_JS)
+        steps = next(w["value"] for w in loaded[sched["id"]]["widgets"] if w["name"] == "preview_steps")
+        page.evaluate(SET_WIDGET_JS, [sid, "preview_steps", steps + 7])
+        redrawn = page.evaluate(SCHEDULE_CANVAS_JS, sid)
+        assert redrawn["digest"] != drawn["digest"] and redrawn["curve"] > 50, (drawn, redrawn)
+        assert page.evaluate(PROMPT_JS) == before, "preview_steps reached the prompt"
+        page.evaluate(SET_WIDGET_JS, [sid, "preview_steps", steps])
+    for node in samplers:  # a schedule's own description from the server, else the editor's β/λ line
+        ui_out = outputs[str(live_id[node["id"]])]
+        lam = next(w["value"] for w in loaded[node["id"]]["widgets"] if w["name"] == "lambda")
+        text = ui_out["deradiff"][0] if ui_out.get("deradiff_schedule", [False])[0] else expected_info_text(lam, pair_beta(data, loaded))
         page.wait_for_function("(t) => [...document.querySelectorAll('.deradiff-beta')].some((e) => e.textContent === t)",
                                arg=text, timeout=10_000)
     page.wait_for_timeout(300)
@@ -539,6 +569,55 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
         write_thumbnail(thumb, EXAMPLES / f"{name}.jpg")
         if name in DOC_IMAGES:
             write_doc_image(loaded_shot if DOC_IMAGES[name] == "loaded" else ran, DOCS / f"{name}.png")
+
+
+# The pack's JS line under λ when a schedule drives the sampler and has not run yet.
+SCHEDULE_PENDING = "λ follows the connected λ Schedule (described here after a run)."
+
+
+def scheduled(node) -> bool:
+    """A sampler node of the workflow file whose λ comes from a connected schedule."""
+    return any(inp["name"] == "lambda_schedule" and inp.get("link") is not None for inp in node.get("inputs", []))
+
+
+def pair_beta(data, loaded):
+    pair = next(n for n in data["nodes"] if n["type"] in ("DeRaDiffLoadAlignedPair", "DeRaDiffMakePair"))
+    return next(w["value"] for w in loaded[pair["id"]]["widgets"] if w["name"] == "beta")
+
+
+def check_editor_only_inputs(page, data, loaded, live_id, prompt):
+    """β and preview_steps only change drawings: they are saved in the workflow (checked above) but
+    not sent, so changing them re-runs nothing. The Sweep Grid gets the pair's β instead."""
+    by_type = {}
+    for node_id, node in prompt.items():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    for cls, name in (("DeRaDiffLoadAlignedPair", "beta"), ("DeRaDiffMakePair", "beta"),
+                      ("DeRaDiffLambdaSchedule", "preview_steps")):
+        for inputs in by_type.get(cls, []):
+            assert name not in inputs, f"{cls}.{name} is in the prompt: changing it would re-run the graph"
+    beta = pair_beta(data, loaded)
+    assert beta > 0  # the examples carry Diffusion-DPO's β
+    for inputs in by_type.get("DeRaDiffSweepGrid", []):
+        assert inputs.get("beta") == beta, f"the grid got β {inputs.get('beta')}, the pair loader has {beta}"
+    # a new β: the info lines follow at once, and only the grid's input changes in the prompt
+    pair = next(n for n in data["nodes"] if n["type"] == "DeRaDiffLoadAlignedPair")
+    page.evaluate(SET_WIDGET_JS, [live_id[pair["id"]], "beta", beta * 2])
+    try:
+        changed = page.evaluate(PROMPT_JS)
+        for node_id, node in prompt.items():
+            if node["class_type"] == "DeRaDiffSweepGrid":
+                assert changed[node_id]["inputs"]["beta"] == beta * 2
+                changed[node_id]["inputs"]["beta"] = beta
+        assert changed == prompt, "a new β changed more of the prompt than the grid's β"
+        texts = sorted(b["text"] for b in page.evaluate(INFO_BOX_JS))
+        samplers = [n for n in data["nodes"] if n["type"] == "DeRaDiffKSampler"]
+        for node in samplers:
+            if scheduled(node):
+                continue
+            lam = next(w["value"] for w in loaded[node["id"]]["widgets"] if w["name"] == "lambda")
+            assert expected_info_text(lam, beta * 2) in texts, (lam, texts)
+    finally:
+        page.evaluate(SET_WIDGET_JS, [live_id[pair["id"]], "beta", beta])
 
 
 # -- the templates browser ------------------------------------------------------------------

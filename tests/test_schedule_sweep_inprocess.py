@@ -1,6 +1,9 @@
 """λ Schedule, λ Sweep and Realign Model inside a real ComfyUI process."""
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 import torch
 
@@ -90,17 +93,17 @@ def test_steps_at_exactly_0_or_1_run_one_model(sd15, pack):
     assert torch.isfinite(out).all()
 
 
-def test_floats_input_and_preview_image(sd15, pack, comfy):
-    import folder_paths
-    from PIL import Image
+def test_floats_input_and_preview_data(sd15, pack, comfy):
+    """The editor draws the preview from the curve, the custom list's length and the pair's β."""
     sched, ui = schedule(pack, "custom", floats=[1.0, 0.5, 0.25, 0.0], pair=sd15["pair"])
     assert sched.values == [1.0, 0.5, 0.25, 0.0]
-    image = ui["images"][0]
-    path = f"{folder_paths.get_temp_directory()}/{image['filename']}"
-    img = Image.open(path).convert("RGB")
-    pixels = torch.tensor(list(img.getdata()))
-    curve_colour = torch.tensor([255, 170, 60])
-    assert img.size[0] > 100 and ((pixels - curve_colour).abs().sum(-1) < 30).sum() > 50  # the curve is drawn
+    (preview,) = ui["deradiff_preview"]
+    assert preview["custom_steps"] == 4 and preview["beta"] == 5000.0
+    assert preview["curve"] == sched.curve() and preview["curve"][0] == 1.0 and preview["curve"][-1] == 0.0
+    json.dumps(ui)  # what the server sends to the editor
+    # preview_steps only changes the drawing: leaving it out (as the editor does) builds the same schedule
+    bare = pack.nodes.DeRaDiffLambdaSchedule().build("custom", 1.0, 0.0, 0.0, 1.0, 0.0, "1, 1, 0.5, 0")
+    assert bare["result"][0].values == [1.0, 1.0, 0.5, 0.0]
     with pytest.raises(pack.nodes.common.NodeInputError, match="input 'custom_values'"):
         schedule(pack, "custom", custom="1, oops")
     with pytest.raises(pack.nodes.common.NodeInputError, match="input 'end_percent'"):
@@ -156,6 +159,21 @@ def test_sweep_grid_labels_every_image(pack, comfy):
     assert (strip > 0.8).any()
     with pytest.raises(pack.nodes.common.NodeInputError, match="input 'labels'"):
         pack.nodes.DeRaDiffSweepGrid().grid(images, "λ=0\nλ=1", 0)
+
+
+def test_sweep_grid_adds_beta_over_lambda_to_lambda_only_labels(pack, comfy):
+    with_beta = sys.modules[f"{pack.__name__}.nodes.sweep_nodes"].with_beta
+    assert with_beta("λ=2", 5000.0) == "λ=2  β/λ=2500"
+    assert with_beta("λ=0", 5000.0) == "λ=0  β/λ=∞"
+    assert with_beta("λ=0.5", 0.0) == "λ=0.5"
+    for other in ("λ=2  β/λ=10", "my label", "λ=abc"):  # labels it did not make stay as they are
+        assert with_beta(other, 5000.0) == other
+    images = torch.rand(2, 32, 48, 3)
+    grid = pack.nodes.DeRaDiffSweepGrid()
+    plain, with_b = grid.grid(images, "λ=0.5\nλ=2", 0)[0], grid.grid(images, "λ=0.5\nλ=2", 0, beta=5000.0)[0]
+    assert torch.equal(plain[0, :32], with_b[0, :32]) and not torch.equal(plain, with_b)
+    with pytest.raises(pack.nodes.common.NodeInputError, match="input 'beta'"):
+        grid.grid(images, "λ=0.5\nλ=2", 0, beta=float("nan"))
 
 
 @pytest.mark.parametrize("lam,sampler", [(0.5, "euler"), (1.7, "dpmpp_2m"), (0.0, "euler"), (1.0, "heun")])

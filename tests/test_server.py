@@ -693,17 +693,40 @@ def test_schedule_sweep_and_realigned_model_through_the_server(comfy_server, iss
 
 
 def test_schedule_preview_is_served_by_the_server(comfy_server, issue3_images):
+    """The editor draws the preview from the curve the server sends (interval 1.5 over the first 40 %)."""
     _, entry, preview_node = issue3_images
     ui = entry["outputs"].get(preview_node, {})
     assert ui.get("deradiff") and "1.5" in ui["deradiff"][0]
-    (image,) = ui["images"]
-    r = comfy_server.http.get(comfy_server.base + "/view", timeout=30, params={
-        "filename": image["filename"], "type": image["type"], "subfolder": image["subfolder"]})
-    assert r.status_code == 200
-    with Image.open(io.BytesIO(r.content)) as im:
-        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
-    curve = (np.abs(pixels - np.array([255, 170, 60])).sum(1) < 30).sum()
-    assert curve > 50, "the λ curve is not drawn in the preview"
+    (preview,) = ui["deradiff_preview"]
+    curve = np.array(preview["curve"])
+    assert len(curve) > 50 and preview["custom_steps"] == 0
+    progress = np.linspace(0, 1, len(curve))
+    assert np.all(curve[progress < 0.39] == 1.5) and np.all(curve[progress > 0.41] == 0.0), curve
+
+
+def test_changing_only_the_grid_beta_re_runs_only_the_grid(comfy_server):
+    """β is display-only: the editor sends it to the Sweep Grid (not the pair loader), so a new β
+    re-draws the labels from the cached sweep; the same λ-only labels, then with β/λ."""
+    g = Graph()
+    pair, clip, vae = load_pair(g, SD15_REF, SD15_ALIGNED_CKPT)
+    pos, neg = encode_pair(g, clip)
+    sweep = g.add("DeRaDiffLambdaSweep", pair=pair, lambdas="0, 2", seed=SEED, steps=2, cfg=CFG,
+                  sampler_name="euler", scheduler="normal", positive=pos, negative=neg,
+                  latent_image=empty_latent(g), denoise=1.0)
+    decoded = g.add("VAEDecode", samples=out(sweep, 0), vae=vae)
+    grid = g.add("DeRaDiffSweepGrid", images=out(decoded), labels=out(sweep, 1), columns=0, beta=0.0)
+    saver = g.add("SaveImage", images=out(grid), filename_prefix="beta_grid")
+    first = comfy_server.run(g, timeout=400)
+    g[grid]["inputs"]["beta"] = 5000.0
+    second = comfy_server.run(g, timeout=400)
+    cached = set(status_messages(second).get("execution_cached", {}).get("nodes", []))
+    assert {pair[0], sweep, decoded} <= cached, f"re-ran more than the grid: cached only {sorted(cached)}"
+    assert grid not in cached and saver not in cached
+    a, b = one_image(comfy_server, first, saver), one_image(comfy_server, second, saver)
+    assert a.shape[1] == b.shape[1] == 2 * SIZE
+    assert np.array_equal(a[:SIZE], b[:SIZE]), "the images themselves changed with β"
+    assert a[SIZE:].shape != b[SIZE:].shape or not np.array_equal(a[SIZE:], b[SIZE:]), \
+        "the labels did not change with β"
 
 
 # -- aligned models as LoRA or diffusers UNet (issue: shared weights) ---------------------------
