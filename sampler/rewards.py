@@ -152,7 +152,7 @@ class PickScore(ClipScore):
     scale_name = "logit scale · cosine"
 
     def _scale(self) -> float:
-        return float(self.clip.model.logit_scale.exp())
+        return float(self.clip.model.logit_scale.detach().exp())
 
 
 def load_aesthetic_head(path: str) -> torch.nn.Sequential:

@@ -64,7 +64,7 @@ def reference_logits(folder, imgs, prompts):
     with torch.no_grad():
         out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
                     pixel_values=proc(images=pixels, return_tensors="pt")["pixel_values"])
-    return out.logits_per_image, float(model.logit_scale.exp()), out.image_embeds
+    return out.logits_per_image, float(model.logit_scale.detach().exp()), out.image_embeds
 
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of fruit"]
