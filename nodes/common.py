@@ -1,6 +1,8 @@
 """Shared input definitions and error wording for the node classes."""
 from __future__ import annotations
 
+import math
+
 from ..sampler.plots import fmt_number
 
 CATEGORY = "sampling/DeRaDiff"
@@ -30,16 +32,43 @@ class NodeInputError(ValueError):
         super().__init__(f"{node}: input '{input_name}': {message}")
 
 
-def check_lambda_input(node: str, value) -> float:
-    import math
+def check_lambda_input(node: str, value, input_name: str = "lambda") -> float:
     try:
         lam = float(value)
     except (TypeError, ValueError):
-        raise NodeInputError(node, "lambda", f"expected a number, got {value!r}") from None
+        raise NodeInputError(node, input_name, f"expected a number, got {value!r}") from None
     if not math.isfinite(lam) or lam < 0:
-        raise NodeInputError(node, "lambda", f"λ must be a finite number >= 0, got {value!r} "
+        raise NodeInputError(node, input_name, f"λ must be a finite number >= 0, got {value!r} "
                              "(0 = reference, 1 = aligned, >1 extrapolates)")
     return lam
+
+
+def check_number(node: str, input_name: str, value, minimum=None, maximum=None) -> float:
+    """A FLOAT input as a finite float inside [minimum, maximum].
+
+    ComfyUI's prompt validation checks min/max, but NaN passes every comparison (a client
+    can send NaN in the prompt's JSON, or the string "nan", which validation turns into a
+    float), so the node itself refuses it: a NaN cfg or denoise would otherwise give a NaN
+    image or an error from deep inside ComfyUI's sampler set-up."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise NodeInputError(node, input_name, f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise NodeInputError(node, input_name, f"expected a finite number, got {value!r}")
+    if minimum is not None and number < minimum or maximum is not None and number > maximum:
+        low = "-∞" if minimum is None else f"{minimum:g}"
+        high = "∞" if maximum is None else f"{maximum:g}"
+        raise NodeInputError(node, input_name, f"{number:g} is outside {low}..{high}")
+    return number
+
+
+def check_sampling_numbers(node: str, cfg, denoise=None):
+    """cfg and denoise as KSampler takes them (finite; denoise in 0..1)."""
+    cfg = check_number(node, "cfg", cfg)
+    if denoise is None:
+        return cfg, None
+    return cfg, check_number(node, "denoise", denoise, 0.0, 1.0)
 
 
 def check_pair(node: str, pair):

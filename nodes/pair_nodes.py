@@ -13,7 +13,7 @@ import comfy.utils
 import folder_paths
 
 from ..sampler.pair import PairError, describe, make_pair
-from .common import BETA_INPUT, CATEGORY, PAIR_TYPE, NodeInputError
+from .common import BETA_INPUT, CATEGORY, PAIR_TYPE, NodeInputError, check_number
 
 log = logging.getLogger("DeRaDiff")
 
@@ -107,6 +107,8 @@ class DeRaDiffLoadAlignedPair:
         }
 
     def load(self, reference_ckpt_name, aligned_model, beta=0.0, lora_strength=1.0):
+        beta = check_number(self.NODE, "beta", beta, 0.0)
+        lora_strength = check_number(self.NODE, "lora_strength", lora_strength)
         ref_path = _full_path(self.NODE, "reference_ckpt_name", "checkpoints", reference_ckpt_name)
         try:
             reference, clip, vae = comfy.sd.load_checkpoint_guess_config(
@@ -250,6 +252,7 @@ class DeRaDiffMakePair:
         }
 
     def make(self, reference, aligned, beta=0.0):
+        beta = check_number(self.NODE, "beta", beta, 0.0)
         try:
             pair = make_pair(reference, aligned, beta, "reference", "aligned")
         except PairError as e:

@@ -4,8 +4,8 @@ import logging
 
 from ..sampler.guider import DeRaDiffGuider
 from ..sampler.sampling import realigned_ksampler
-from .common import (CATEGORY, LAMBDA_INPUT, PAIR_INPUT, SCHEDULE_INPUT, check_pair, emulated_beta_text,
-                     lambda_or_schedule, sampler_inputs)
+from .common import (CATEGORY, LAMBDA_INPUT, PAIR_INPUT, SCHEDULE_INPUT, check_number, check_pair,
+                     check_sampling_numbers, emulated_beta_text, lambda_or_schedule, sampler_inputs)
 
 log = logging.getLogger("DeRaDiff")
 
@@ -46,6 +46,7 @@ class DeRaDiffKSampler:
                denoise=1.0, **kwargs):
         check_pair(self.NODE, pair)
         lam, schedule_text = lambda_or_schedule(self.NODE, kwargs)
+        cfg, denoise = check_sampling_numbers(self.NODE, cfg, denoise)
         text = _ui_text(pair, lam, schedule_text)
         log.info("DeRaDiff KSampler: %s", text)
         out = realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
@@ -79,6 +80,7 @@ class DeRaDiffGuiderNode:
     def get_guider(self, pair, positive, negative, cfg, **kwargs):
         check_pair(self.NODE, pair)
         lam, schedule_text = lambda_or_schedule(self.NODE, kwargs)
+        cfg = check_number(self.NODE, "cfg", cfg)
         guider = DeRaDiffGuider(pair, lam, cfg)
         guider.set_conds(positive, negative)
         return {"ui": _ui(_ui_text(pair, lam, schedule_text), schedule_text), "result": (guider,)}

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from ..sampler.schedules import SHAPES, LambdaSchedule, parse_values
-from .common import CATEGORY, PAIR_TYPE, SCHEDULE_TYPE, NodeInputError
+from .common import CATEGORY, PAIR_TYPE, SCHEDULE_TYPE, NodeInputError, check_lambda_input, check_number
 
 LAM = {"min": 0.0, "max": 10.0, "step": 0.05, "round": 0.001}
 
@@ -55,6 +55,11 @@ class DeRaDiffLambdaSchedule:
 
     def build(self, shape, lambda_from, lambda_to, start_percent, end_percent, lambda_outside, custom_values,
               preview_steps=None, custom_floats=None, pair=None):
+        # NaN passes ComfyUI's min/max validation: every number is checked here, by input name
+        lambda_from, lambda_to, lambda_outside = (check_lambda_input(self.NODE, v, name) for v, name in (
+            (lambda_from, "lambda_from"), (lambda_to, "lambda_to"), (lambda_outside, "lambda_outside")))
+        start_percent = check_number(self.NODE, "start_percent", start_percent, 0.0, 1.0)
+        end_percent = check_number(self.NODE, "end_percent", end_percent, 0.0, 1.0)
         values = None
         if shape == "custom":
             if custom_floats is not None:
