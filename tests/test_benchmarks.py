@@ -53,3 +53,37 @@ def test_bench_server_memory_pack_keeps_nothing_alive(comfy_root, tmp_path):
     assert data["prompts"][-1]["live"]["BaseModel"] == 1      # plain again: the pair is gone
     assert data["prompts"][-1]["live"]["AlignedPair"] == 0
     assert data["after_free"]["live"]["BaseModel"] == 0
+
+
+def test_bench_server_memory_soak_does_not_creep(comfy_root, tmp_path):
+    """A short soak through the real server (classic cache; 15 prompts of the soak sequence: two-model
+    pair, reference + LoRA pair, λ sweep, Realign Model in a plain KSampler, plain KSampler, with λ
+    changing from prompt to prompt; 64x64, 2 steps): over the second half, RSS, its anonymous part
+    and the live tensors' storage grow by less than the benchmark's SOAK_SLOPE_BOUND_MIB per prompt
+    between prompts of the same kind, the number of live tensors does not grow, and after any prompt
+    ComfyUI has loaded no more models than after a plain prompt + the pair's aligned one.
+    The 30-prompt soak on demand (see the bound's reasoning in benchmarks/bench_server_memory.py):
+
+        python benchmarks/bench_server_memory.py --soak 30 --steps 2 --cache classic   # or ram, default
+    """
+    import json
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_server_memory as bench
+    results = tmp_path / "soak.json"
+    out = subprocess.run([sys.executable, "benchmarks/bench_server_memory.py", "--soak", "15", "--steps", "2",
+                          "--cache", "classic", "--settle", "0.5", "--json", str(results)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert results.exists(), out.stdout[-3000:] + out.stderr[-3000:]
+    data = json.loads(results.read_text())
+    soak = data["soak"]
+    assert [p["kind"] for p in data["prompts"]] == bench.SOAK_KINDS * 3
+    assert len({p["lambda"] for p in data["prompts"] if p["kind"] == "pair"}) == 3  # λ changes
+    series = {s["series"]: s for s in soak["series"]}
+    assert set(series) == {"RSS MiB", "RSS anon MiB", "live tensor MiB", "live tensors"}
+    for s in series.values():
+        assert s["slope_within_kind"] is not None and s["slope_within_kind"] < s["bound"], (s, out.stdout[-4000:])
+    assert series["RSS MiB"]["bound"] == bench.SOAK_SLOPE_BOUND_MIB
+    assert soak["loaded_after_max"] <= soak["loaded_after_plain_max"] + bench.PAIR_EXTRA_MODELS
+    assert soak["unowned_models"] == 0
+    assert soak["pass"] and out.returncode == 0, (soak["failures"], out.stdout[-4000:], out.stderr[-3000:])
+    assert "soak: PASS" in out.stdout
