@@ -10,6 +10,8 @@ const PAIR_NODES = new Set(["DeRaDiffLoadAlignedPair", "DeRaDiffMakePair"]);
 const SCHEDULE_NODE = "DeRaDiffLambdaSchedule";
 const SWEEP_NODE = "DeRaDiffLambdaSweep";
 const GRID_NODE = "DeRaDiffSweepGrid";
+const SEARCH_NODE = "DeRaDiffLambdaSearch";
+const TEXT_NODES = new Set([SEARCH_NODE, "DeRaDiffRewardScore"]);  // show the server's summary
 export const SCHEDULE_PENDING = "λ follows the connected λ Schedule (described here after a run).";
 const EDITOR_ONLY = { [SCHEDULE_NODE]: ["preview_steps"] };
 for (const name of PAIR_NODES) EDITOR_ONLY[name] = ["beta"];
@@ -154,6 +156,14 @@ function addInfoBox(node) {
   setTimeout(refresh, 0);
 }
 
+function addSummaryBox(node) {
+  const el = document.createElement("pre");
+  el.className = "deradiff-summary";
+  el.style.cssText = "font-size:11px;opacity:0.85;padding:2px 6px;margin:0;white-space:pre-wrap;overflow:auto;";
+  const box = node.addDOMWidget("deradiff_summary", "deradiff_summary", el, { serialize: false });
+  box.computeSize = () => [0, 90];
+}
+
 function addSchedulePreview(node) {
   const canvas = document.createElement("canvas");
   canvas.className = "deradiff-schedule";
@@ -172,7 +182,8 @@ app.registerExtension({
   name: "DeRaDiff.EmulatedBeta",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const name = nodeData.name;
-    const relevant = SAMPLER_NODES.has(name) || PAIR_NODES.has(name) || name === SCHEDULE_NODE || name === GRID_NODE;
+    const relevant = SAMPLER_NODES.has(name) || PAIR_NODES.has(name) || name === SCHEDULE_NODE || name === GRID_NODE
+      || TEXT_NODES.has(name);
     if (!relevant) return;
     chain(nodeType.prototype, "onNodeCreated", function () {
       for (const inputName of EDITOR_ONLY[name] ?? []) {
@@ -188,6 +199,11 @@ app.registerExtension({
         const beta = widget(this, "beta");
         if (beta) beta.serializeValue = () => gridBeta(this);
       }
+      if (name === SEARCH_NODE) {  // its β/λ axis: its own β, else the pair loader's
+        const beta = widget(this, "beta");
+        if (beta) beta.serializeValue = () => Number(beta.value) || pairBeta(this);
+      }
+      if (TEXT_NODES.has(name)) addSummaryBox(this);
     });
     chain(nodeType.prototype, "onConnectionsChange", function () {
       if (PAIR_NODES.has(name)) refreshAll(this.graph);
@@ -198,6 +214,9 @@ app.registerExtension({
         this.deradiffPreview = message?.deradiff_preview?.[0];
         this.deradiffText = message?.deradiff?.[0];
         this.deradiffRefresh?.();
+      } else if (TEXT_NODES.has(name)) {
+        const el = widget(this, "deradiff_summary")?.element;
+        if (el) el.textContent = message?.text?.[0] ?? "";
       } else if (SAMPLER_NODES.has(name)) {
         // a schedule's own description; a constant λ's line is written here, with the editor's β
         this.deradiffScheduleText = message?.deradiff_schedule?.[0] ? message.deradiff?.[0] : undefined;

@@ -1,6 +1,7 @@
 from .pair_nodes import DeRaDiffLoadAlignedPair, DeRaDiffMakePair
 from .sampler_nodes import DeRaDiffGuiderNode, DeRaDiffKSampler
 from .schedule_nodes import DeRaDiffLambdaSchedule
+from .search_nodes import DeRaDiffLambdaSearch, DeRaDiffLoadRewardModel, DeRaDiffRewardScore
 from .sweep_nodes import DeRaDiffLambdaSweep, DeRaDiffRealignModel, DeRaDiffSweepGrid
 
 NODE_CLASS_MAPPINGS = {
@@ -12,6 +13,9 @@ NODE_CLASS_MAPPINGS = {
     "DeRaDiffLambdaSweep": DeRaDiffLambdaSweep,
     "DeRaDiffSweepGrid": DeRaDiffSweepGrid,
     "DeRaDiffRealignModel": DeRaDiffRealignModel,
+    "DeRaDiffLoadRewardModel": DeRaDiffLoadRewardModel,
+    "DeRaDiffRewardScore": DeRaDiffRewardScore,
+    "DeRaDiffLambdaSearch": DeRaDiffLambdaSearch,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -23,4 +27,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DeRaDiffLambdaSweep": "DeRaDiff λ Sweep",
     "DeRaDiffSweepGrid": "DeRaDiff Sweep Grid",
     "DeRaDiffRealignModel": "DeRaDiff Realign Model",
+    "DeRaDiffLoadRewardModel": "DeRaDiff Load Reward Model",
+    "DeRaDiffRewardScore": "DeRaDiff Reward Score",
+    "DeRaDiffLambdaSearch": "DeRaDiff λ Search",
 }

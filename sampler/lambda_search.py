@@ -45,47 +45,39 @@ class GaussianProcess:
         return self.y_mean + self.y_scale * mean, self.y_scale * var.sqrt()
 
 
-def _log_marginal_likelihood(x, y, noise_var, lengthscale, signal_var):
-    k = _kernel(x, x, lengthscale, signal_var) + torch.diag(noise_var)
-    chol = torch.linalg.cholesky(k)
-    alpha = torch.cholesky_solve(y[:, None], chol)[:, 0]
-    lml = -0.5 * (y @ alpha) - torch.log(torch.diagonal(chol)).sum() - 0.5 * len(x) * math.log(2 * math.pi)
-    return float(lml), chol, alpha
-
-
 def fit_gp(x, y, noise_var=None, span: tuple[float, float] | None = None) -> GaussianProcess:
     """GP posterior for observations ``y`` at ``x`` (``noise_var``: variance of each observation, or
-    None to estimate one shared noise level). ``span`` is the searched range; it bounds the lengthscales."""
+    None to estimate one shared noise level). ``span`` is the searched range; it bounds the lengthscales.
+    Every hyperparameter setting of the grid is tried at once (one batched Cholesky)."""
     x = torch.as_tensor(x, dtype=_DTYPE).reshape(-1)
     y = torch.as_tensor(y, dtype=_DTYPE).reshape(-1)
-    if len(x) == 0 or len(x) != len(y):
-        raise ValueError(f"need matching, non-empty x and y (got {len(x)} and {len(y)})")
+    if len(x) == 0 or len(x) != len(y) or not bool(torch.isfinite(y).all()):
+        raise ValueError(f"need matching, non-empty, finite x and y (got {len(x)} and {len(y)})")
     lo, hi = span if span is not None else (float(x.min()), float(x.max()))
     width = max(hi - lo, 1e-6)
     y_mean = float(y.mean())
     y_scale = float(y.std()) if len(y) > 1 and float(y.std()) > 1e-12 else 1.0
     ys = (y - y_mean) / y_scale
     if noise_var is None:
-        noise_grid = [1e-4, 1e-3, 1e-2, 0.05, 0.2]
-        given = None
-    else:
-        given = torch.as_tensor(noise_var, dtype=_DTYPE).reshape(-1) / y_scale ** 2
-        noise_grid = [0.0]
-    best = None
-    for lengthscale in torch.logspace(math.log10(width / 20), math.log10(width * 2), 25).tolist():
-        for signal_var in (0.25, 0.5, 1.0, 2.0, 4.0):
-            for extra in noise_grid:
-                noise = (given if given is not None else torch.zeros_like(ys)) + extra + 1e-6
-                try:
-                    lml, chol, alpha = _log_marginal_likelihood(x, ys, noise, lengthscale, signal_var)
-                except RuntimeError:  # not positive definite at this setting
-                    continue
-                if best is None or lml > best[0]:
-                    best = (lml, lengthscale, signal_var, noise, chol, alpha)
-    if best is None:
-        raise ValueError("no Gaussian process fits these observations (are they finite?)")
-    _, lengthscale, signal_var, noise, chol, alpha = best
-    return GaussianProcess(x, y_mean, y_scale, lengthscale, signal_var, noise, chol, alpha)
+        given, extras = torch.zeros_like(ys), [1e-4, 1e-3, 1e-2, 0.05, 0.2]
+    else:  # the given noise, plus whatever extra the data asks for (misfit the spread does not explain)
+        given, extras = torch.as_tensor(noise_var, dtype=_DTYPE).reshape(-1) / y_scale ** 2, [0.0, 1e-3, 1e-2, 0.05]
+    ls, sv, ex = torch.meshgrid(torch.logspace(math.log10(width / 20), math.log10(width * 2), 25, dtype=_DTYPE),
+                                torch.tensor([0.25, 0.5, 1.0, 2.0, 4.0], dtype=_DTYPE),
+                                torch.tensor(extras, dtype=_DTYPE), indexing="ij")
+    ls, sv, ex = ls.reshape(-1), sv.reshape(-1), ex.reshape(-1)
+    d2 = (x[:, None] - x[None, :]) ** 2
+    noise = given[None, :] + ex[:, None] + 1e-6
+    k = sv[:, None, None] * torch.exp(-0.5 * d2[None] / ls[:, None, None] ** 2) + torch.diag_embed(noise)
+    chol, info = torch.linalg.cholesky_ex(k)
+    ok = info == 0
+    if not bool(ok.any()):
+        raise ValueError("no Gaussian process fits these observations")
+    chol = chol[ok]
+    alpha = torch.cholesky_solve(ys[None, :, None].expand(len(chol), -1, 1), chol)[..., 0]
+    lml = -0.5 * (alpha @ ys) - torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    i = int(torch.argmax(lml))
+    return GaussianProcess(x, y_mean, y_scale, float(ls[ok][i]), float(sv[ok][i]), noise[ok][i], chol[i], alpha[i])
 
 
 def expected_improvement(mean: torch.Tensor, std: torch.Tensor, best: float, xi: float = 0.0) -> torch.Tensor:
@@ -132,8 +124,8 @@ def initial_design(lo: float, hi: float, count: int) -> list[float]:
 class LambdaSearch:
     """Ask for a batch of λ, sample and score them, tell the scores; repeat until the budget is spent.
 
-    ``tell`` takes, per λ, all its scores (prompts × seeds): their mean is the observation and their
-    spread over their count its noise variance."""
+    ``tell`` takes, per λ, all its scores (prompts × seeds): their mean is the observation; the
+    spread of all scores, pooled over λ, gives each mean's noise variance."""
     lo: float
     hi: float
     budget: int  # λ evaluations in all
@@ -141,7 +133,6 @@ class LambdaSearch:
     initial: int = 4
     xs: list = field(default_factory=list)
     means: list = field(default_factory=list)
-    noise: list = field(default_factory=list)
     scores: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -170,14 +161,16 @@ class LambdaSearch:
             self.xs.append(float(lam))
             self.means.append(float(s.mean()))
             self.scores.append(s.tolist())
-            # spread of the mean; with one score the noise is left to the GP fit (shared level)
-            self.noise.append(float(s.var(unbiased=True)) / len(s) if len(s) > 1 else None)
 
     def gp(self) -> GaussianProcess:
+        # The spread of a few scores is a poor estimate on its own (4 scores: often several times too
+        # small), so the scores' variance is pooled over every λ: the noise of a mean is that / count.
+        spreads = [torch.tensor(s, dtype=_DTYPE).var(unbiased=True) for s in self.scores if len(s) > 1]
         noise = None
-        if all(n is not None for n in self.noise):
-            floor = 1e-6 * max(1.0, float(torch.tensor(self.means).abs().max()) ** 2)
-            noise = [max(n, floor) for n in self.noise]
+        if spreads:
+            pooled = float(torch.stack(spreads).mean())
+            floor = 1e-9 * max(1.0, float(torch.tensor(self.means).abs().max()) ** 2)
+            noise = [max(pooled / len(s), floor) for s in self.scores]
         return fit_gp(self.xs, self.means, noise, (self.lo, self.hi))
 
     def best(self, grid_points: int = 401) -> tuple[float, float]:

@@ -90,7 +90,7 @@ class _Clip:
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """images: [N, H, W, C] in 0..1 (ComfyUI's IMAGE) -> unit-norm embeddings [N, D]."""
-        pixels = np.clip(images[..., :3].float().cpu().numpy() * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        pixels = np.clip(images[..., :3].detach().float().cpu().numpy() * 255.0 + 0.5, 0, 255).astype(np.uint8)
         inputs = self.processor(images=list(pixels), return_tensors="pt")
         model_dtype = next(self.model.parameters()).dtype
         with torch.no_grad():
@@ -131,9 +131,9 @@ class ClipScore(RewardModel):
     kind = "clip_score"
     scale_name = "100 · cosine"
 
-    def __init__(self, folder: str, name: str = ""):
+    def __init__(self, folder: str, name: str = "", dtype=torch.float32):
         super().__init__(name or os.path.basename(folder.rstrip("/\\")))
-        self.clip = _Clip.load(folder)
+        self.clip = _Clip.load(folder, dtype=dtype)
 
     def modules(self):
         return [self.clip.model]
@@ -194,9 +194,9 @@ class LaionAesthetic(RewardModel):
     uses_prompt = False
     scale_name = "aesthetic (about 1–10)"
 
-    def __init__(self, clip_folder: str, head_path: str, name: str = ""):
+    def __init__(self, clip_folder: str, head_path: str, name: str = "", dtype=torch.float32):
         super().__init__(name or os.path.basename(head_path))
-        self.clip = _Clip.load(clip_folder, needs_text=False)
+        self.clip = _Clip.load(clip_folder, needs_text=False, dtype=dtype)
         self.head = load_aesthetic_head(head_path)
         width = self.clip.model.config.projection_dim
         if self.head[0].in_features != width:
@@ -214,13 +214,13 @@ class LaionAesthetic(RewardModel):
             return head(emb.to(next(head.parameters()).device))[:, 0].float().cpu()
 
 
-def load_reward_model(kind: str, folder: str, head_path: str | None = None) -> RewardModel:
+def load_reward_model(kind: str, folder: str, head_path: str | None = None, dtype=torch.float32) -> RewardModel:
     if kind == "clip_score":
-        return ClipScore(folder)
+        return ClipScore(folder, dtype=dtype)
     if kind == "pickscore":
-        return PickScore(folder)
+        return PickScore(folder, dtype=dtype)
     if kind == "laion_aesthetic":
         if not head_path:
             raise RewardModelError(folder, "LAION aesthetic needs its MLP head file as well as the CLIP ViT-L/14 folder")
-        return LaionAesthetic(folder, head_path)
+        return LaionAesthetic(folder, head_path, dtype=dtype)
     raise ValueError(f"unknown reward model kind '{kind}' (one of {', '.join(KINDS)})")

@@ -46,7 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACK_DIR_NAME = "comfyui-deradiff"
-MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet", "loras", "vae")
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet", "loras", "vae", "reward_models")
 SERVER_ARGS_ENV = "DERADIFF_SERVER_ARGS"
 STARTUP_TIMEOUT = 180.0
 

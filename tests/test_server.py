@@ -30,6 +30,9 @@ PACK_NODES = {
     "DeRaDiffLambdaSweep": "DeRaDiff λ Sweep",
     "DeRaDiffSweepGrid": "DeRaDiff Sweep Grid",
     "DeRaDiffRealignModel": "DeRaDiff Realign Model",
+    "DeRaDiffLoadRewardModel": "DeRaDiff Load Reward Model",
+    "DeRaDiffRewardScore": "DeRaDiff Reward Score",
+    "DeRaDiffLambdaSearch": "DeRaDiff λ Search",
 }
 PAIR_TYPE = "DERADIFF_PAIR"
 

@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..sampler.lambda_search import LambdaSearch
+from ..sampler.plots import fmt_number, search_plot
+from ..sampler.rewards import KINDS, RewardModelError
+from ..sampler.search_run import (ImageSearchSetup, load_comfy_reward_model, progress_bar, register_reward_folder,
+                                  reward_folders, reward_head_files, reward_path, run_search)
+from .common import CATEGORY, PAIR_INPUT, NodeInputError, check_pair, sampler_inputs
+
+register_reward_folder()  # before INPUT_TYPES lists it
+
+REWARD_TYPE = "DERADIFF_REWARD"
+NO_HEAD = "none"
+
+
+def _mean_sem(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    sem = float(t.std(unbiased=True)) / math.sqrt(len(t)) if len(t) > 1 else 0.0
+    return float(t.mean()), sem
+
+
+class DeRaDiffLoadRewardModel:
+    NODE = "DeRaDiff Load Reward Model"
+    DESCRIPTION = ("Loads a reward model from models/reward_models (or a reward_models path in "
+                   "extra_model_paths.yaml) to score images: PickScore, CLIP score or LAION aesthetic v2. "
+                   "Nothing is downloaded; README 'λ Search' says where each file comes from.")
+    RETURN_TYPES = (REWARD_TYPE,)
+    RETURN_NAMES = ("reward_model",)
+    OUTPUT_TOOLTIPS = ("For DeRaDiff Reward Score and DeRaDiff λ Search.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "kind": (list(KINDS), {"tooltip":
+                    "pickscore: PickScore_v1 (prompt-image preference; its folder needs the CLIP-ViT-H-14 "
+                    "processor files, beside the model or in processor/). clip_score: 100 x cosine of any "
+                    "transformers CLIP model. laion_aesthetic: the LAION aesthetic v2 MLP (aesthetic_head) "
+                    "on CLIP ViT-L/14 (model); ignores the prompt."}),
+                "model": (reward_folders(), {"tooltip":
+                    "A transformers CLIP model folder (config.json, model.safetensors, preprocessor_config.json, "
+                    "tokenizer files) inside models/reward_models."}),
+            },
+            "optional": {
+                "aesthetic_head": ([NO_HEAD] + reward_head_files(), {"default": NO_HEAD, "tooltip":
+                    "laion_aesthetic only: the MLP file (e.g. sac+logos+ava1-l14-linearMSE.pth) in models/reward_models."}),
+            },
+        }
+
+    def load(self, kind, model, aesthetic_head=NO_HEAD):
+        folder = reward_path(model)
+        if folder is None:
+            raise NodeInputError(self.NODE, "model", f"'{model}' was not found in models/reward_models. Put the "
+                                 "folder there, then press R in ComfyUI to refresh the list.")
+        head = None
+        if kind == "laion_aesthetic":
+            if aesthetic_head in (None, "", NO_HEAD):
+                raise NodeInputError(self.NODE, "aesthetic_head", "laion_aesthetic needs its MLP file; choose it here")
+            head = reward_path(aesthetic_head)
+            if head is None:
+                raise NodeInputError(self.NODE, "aesthetic_head", f"'{aesthetic_head}' was not found in models/reward_models")
+        try:
+            return (load_comfy_reward_model(kind, folder, head),)
+        except RewardModelError as e:
+            where = "aesthetic_head" if head is not None and e.path == head else "model"
+            raise NodeInputError(self.NODE, where, str(e)) from None
+
+
+def _prompt_lines(node, input_name, text) -> list[str]:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        raise NodeInputError(node, input_name, "give at least one prompt (one per line)")
+    return lines
+
+
+class DeRaDiffRewardScore:
+    NODE = "DeRaDiff Reward Score"
+    DESCRIPTION = "Scores images with a reward model: one score per image, and a summary on the node."
+    RETURN_TYPES = ("FLOAT", "STRING")
+    RETURN_NAMES = ("scores", "summary")
+    OUTPUT_IS_LIST = (True, False)
+    OUTPUT_TOOLTIPS = ("One score per image, in batch order.", "Mean, spread and every score, as text.")
+    FUNCTION = "score"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True  # shows its summary even with nothing connected
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The images to score."}),
+                "reward_model": (REWARD_TYPE, {"tooltip": "From DeRaDiff Load Reward Model."}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip":
+                           "The prompt the images were made from: one line for all images, or one line per image. "
+                           "Ignored by laion_aesthetic."}),
+            }
+        }
+
+    def score(self, images, reward_model, prompt):
+        n = images.shape[0]
+        if reward_model.uses_prompt:
+            lines = _prompt_lines(self.NODE, "prompt", prompt)
+            if len(lines) not in (1, n):
+                raise NodeInputError(self.NODE, "prompt", f"{len(lines)} prompt lines for {n} images: give one, or one per image")
+            prompts = lines * n if len(lines) == 1 else lines
+        else:
+            prompts = [""] * n
+        scores = [float(s) for s in reward_model.score(images, prompts)]
+        mean, sem = _mean_sem(scores)
+        summary = (f"{reward_model.name}: mean {mean:.4g} ± {sem:.2g} (standard error) over {n} images\n"
+                   + ", ".join(f"{s:.4g}" for s in scores))
+        return {"ui": {"text": [summary]}, "result": (scores, summary)}
+
+
+def _search_inputs():
+    shared = sampler_inputs()
+    return {k: shared[k] for k in ("seed", "steps", "cfg", "sampler_name", "scheduler")}
+
+
+class DeRaDiffLambdaSearch:
+    NODE = "DeRaDiff λ Search"
+    DESCRIPTION = ("Finds the λ that maximises a reward model: samples a few λ for every prompt and seed "
+                   "(one batched pass per round, as λ Sweep), fits a Gaussian process to the mean reward "
+                   "against λ, and picks the next λ by expected improvement, until the budget is spent. "
+                   "Returns the best λ (connect it to DeRaDiff KSampler's λ), a plot of reward against λ, "
+                   "the best λ's images and a table of every evaluation.")
+    RETURN_TYPES = ("FLOAT", "IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("best_lambda", "plot", "best_images", "table")
+    OUTPUT_TOOLTIPS = ("The λ with the highest predicted mean reward.",
+                       "Reward against λ: GP mean and ±2σ band, the evaluated λ (mean ± standard error), "
+                       "the watched metric on its own axis, β/λ along the top when β is known.",
+                       "Every prompt x seed at the best λ (sampled again unless the best λ was evaluated).",
+                       "Every evaluation: λ, β/λ, reward mean ± standard error, watched metric.")
+    FUNCTION = "search"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pair": PAIR_INPUT,
+                "clip": ("CLIP", {"tooltip": "Encodes each prompt (the reference's text encoder)."}),
+                "vae": ("VAE", {"tooltip": "Decodes the samples for the reward model."}),
+                "reward_model": (REWARD_TYPE, {"tooltip": "The reward to maximise (DeRaDiff Load Reward Model)."}),
+                "prompts": ("STRING", {"multiline": True, "default": "a red fox in the snow\na lighthouse at dusk",
+                                       "tooltip": "One prompt per line; the reward is averaged over prompts and seeds."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative conditioning, for every prompt."}),
+                "latent_image": ("LATENT", {"tooltip": "An empty latent: its size is the image size and its "
+                                                       "batch size the number of seeds per prompt."}),
+                **_search_inputs(),
+                "lambda_min": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                         "tooltip": "Lower end of the searched λ range."}),
+                "lambda_max": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                         "tooltip": "Upper end of the searched λ range (past 2-3 images may degrade)."}),
+                "budget": ("INT", {"default": 10, "min": 2, "max": 200,
+                                   "tooltip": "λ values to evaluate in all (each costs prompts x seeds images)."}),
+                "lambdas_per_round": ("INT", {"default": 3, "min": 1, "max": 32,
+                                              "tooltip": "λ values sampled together in one batched pass per round "
+                                                         "(the first round takes up to 4 spread over the range)."}),
+            },
+            "optional": {
+                "watch_reward_model": (REWARD_TYPE, {"tooltip": "A second metric to watch for reward hacking "
+                                                                "(plotted on its own axis, not maximised)."}),
+                "beta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 0.1, "tooltip":
+                                   "β the aligned model was trained at, for the β/λ axis. 0 = the pair loader's β "
+                                   "(the editor fills it in), or none."}),
+                "max_lambdas_per_pass": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip":
+                                                 "As in λ Sweep: 0 = as many λ per model call as fit in memory."}),
+            },
+        }
+
+    def search(self, pair, clip, vae, reward_model, prompts, negative, latent_image, seed, steps, cfg, sampler_name,
+               scheduler, lambda_min, lambda_max, budget, lambdas_per_round, watch_reward_model=None, beta=0.0,
+               max_lambdas_per_pass=0):
+        check_pair(self.NODE, pair)
+        if not lambda_max > lambda_min:
+            raise NodeInputError(self.NODE, "lambda_max", f"must be above lambda_min ({lambda_min}), got {lambda_max}")
+        lines = _prompt_lines(self.NODE, "prompts", prompts)
+        import nodes as comfy_nodes  # ComfyUI's own text encoding, as CLIPTextEncode does it
+        positives = [comfy_nodes.CLIPTextEncode().encode(clip, text)[0] for text in lines]
+        setup = ImageSearchSetup(pair, lines, positives, negative, latent_image, seed, steps, cfg, sampler_name,
+                                 scheduler, vae, reward_model, watch_reward_model, max_lambdas_per_pass)
+        search = LambdaSearch(float(lambda_min), float(lambda_max), int(budget), int(lambdas_per_round),
+                              initial=min(4, int(budget)))
+        result = run_search(search, setup.evaluate, progress_bar(int(budget)))
+        beta = beta or getattr(pair, "beta", None) or None
+        plot, table = self._report(result, reward_model, watch_reward_model, beta)
+        best_images = setup.images_at(result.best_lambda)
+        text = f"best λ = {result.best_lambda:.4g} (predicted mean {result.best_mean:.4g})"
+        if beta:
+            text += f", emulating β/λ = {fmt_number(beta / result.best_lambda) if result.best_lambda else '∞'}"
+        return {"ui": {"text": [text + "\n" + table]},
+                "result": (result.best_lambda, plot, best_images, table)}
+
+    @staticmethod
+    def _report(result, reward, watch, beta):
+        search = result.search
+        gp = search.gp()
+        grid = torch.linspace(search.lo, search.hi, 201, dtype=torch.float64)
+        mean, std = gp.predict(grid)
+        points = [(e.lam, *_mean_sem(e.scores)) for e in result.evaluations]
+        watched = [(e.lam, *_mean_sem(e.watch)) for e in result.evaluations] if watch is not None else None
+        plot = search_plot(search.lo, search.hi, grid.tolist(), mean.tolist(), std.tolist(), points, watched, beta,
+                           result.best_lambda, reward.name, watch.name if watch is not None else "")
+        rows = ["λ\tβ/λ\treward (mean ± s.e.)" + ("\twatched (mean ± s.e.)" if watched else "")]
+        for i, (lam, m, e) in enumerate(sorted(points)):
+            emulated = ("∞" if lam == 0 else fmt_number(beta / lam)) if beta else "-"
+            row = f"{lam:.4g}\t{emulated}\t{m:.4g} ± {e:.2g}"
+            if watched:
+                wl = sorted(watched)[i]
+                row += f"\t{wl[1]:.4g} ± {wl[2]:.2g}"
+            rows.append(row)
+        return torch.from_numpy(plot), "\n".join(rows)
