@@ -372,7 +372,11 @@ class Report:
         self.tried += 1
         self.kinds[kind] += 1
         if kind in ("validation_error", "execution_error"):
-            key = detail.split(":")[0] if kind == "validation_error" else " ".join(detail.split()[:6])
+            if kind == "validation_error":
+                key = detail.split(":")[0]
+            else:  # the node and the input it names
+                named = re.search(r"input '([^']+)'", detail)
+                key = detail.split(":")[0] + (f" input '{named.group(1)}'" if named else ": " + detail.split(":", 1)[-1][:60])
             self.details[(kind, key)] += 1
         if kind in FAILURES:
             self.failures.append((index, kind, detail, mutations, graph))
