@@ -209,3 +209,76 @@ def ensure_all_standins() -> Path:
     for name in STANDINS:
         ensure_standin(name)
     return STANDIN_DIR
+
+
+# -- reward models (λ Search): tiny random transformers CLIP folders ------------------------------
+CLIP_PROJECTION = 16
+CLIP_IMAGE = 32
+
+
+def write_clip_folder(folder: Path, tokenizer_dir: Path, seed: int = 0, processor_subfolder: bool = False) -> Path:
+    """A transformers CLIP model folder as released (config, weights, image processor, tokenizer), tiny
+    and random; ``tokenizer_dir``: CLIP's BPE files (ComfyUI ships them in comfy/sd1_tokenizer)."""
+    import shutil
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=49408, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=CLIP_IMAGE, patch_size=8),
+        projection_dim=CLIP_PROJECTION)
+    CLIPModel(config).eval().save_pretrained(folder)
+    processor = folder / "processor" if processor_subfolder else folder
+    CLIPImageProcessor(size={"shortest_edge": CLIP_IMAGE},
+                       crop_size={"height": CLIP_IMAGE, "width": CLIP_IMAGE}).save_pretrained(processor)
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, processor / f.name)
+    return folder
+
+
+AESTHETIC_LAYERS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
+
+
+def write_aesthetic_head(path: Path, width: int = CLIP_PROJECTION, seed: int = 0, drop: str | None = None) -> dict:
+    """A LAION-aesthetic-v2-shaped MLP state dict (width → 1024 → 128 → 64 → 16 → 1), random."""
+    path = Path(path)
+    g = torch.Generator().manual_seed(seed)
+    sizes = [width, 1024, 128, 64, 16, 1]
+    state = {}
+    for layer, (a, b) in zip(AESTHETIC_LAYERS, zip(sizes, sizes[1:])):
+        state[f"{layer}.weight"] = torch.randn(b, a, generator=g) / a ** 0.5
+        state[f"{layer}.bias"] = torch.randn(b, generator=g) * 0.1
+    if drop:
+        del state[drop]
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return state
+
+
+REWARD_STANDINS = {"reward_models/clip-standin": 800, "reward_models/aesthetic-standin.pth": 810}
+
+
+def ensure_reward_standins() -> Path:
+    """A tiny CLIP folder and an aesthetic head under STANDIN_DIR/reward_models (once per machine)."""
+    import shutil
+    _comfy_importable()
+    import comfyui_runtime
+    tokenizer_dir = Path(comfyui_runtime.comfyui_root()) / "comfy" / "sd1_tokenizer"
+    for name, seed in REWARD_STANDINS.items():
+        path = STANDIN_DIR / name
+        if path.exists():
+            continue
+        tmp = path.with_name("partial-" + path.name)  # same suffix: the head's format follows it
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix in (".safetensors", ".pth"):
+            write_aesthetic_head(tmp, seed=seed)
+        else:
+            write_clip_folder(tmp, tokenizer_dir, seed)
+        tmp.rename(path)
+    return STANDIN_DIR / "reward_models"

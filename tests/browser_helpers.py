@@ -64,6 +64,12 @@ MODEL_FILES = {
 }
 
 
+# reward model (folder or file) in models/reward_models -> its stand-in (scripts/standins.py); for λ Search
+PICKSCORE, CLIP_L, AESTHETIC = "PickScore_v1", "clip-vit-large-patch14", "sac+logos+ava1-l14-linearMSE.pth"
+REWARD_FILES = {PICKSCORE: "reward_models/clip-standin", CLIP_L: "reward_models/clip-standin",
+                AESTHETIC: "reward_models/aesthetic-standin.pth"}
+
+
 def models_metadata(*names):
     """The workflow's top-level ``models`` list: the front end checks these files exist and,
     when one is missing, offers its download in the missing-models dialog."""
@@ -83,6 +89,14 @@ def make_models_dir(dest: Path, standin_dir: Path) -> Path:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(target)
+    from standins import ensure_reward_standins
+    ensure_reward_standins()
+    (dest / "reward_models").mkdir(exist_ok=True)
+    for name, standin in REWARD_FILES.items():
+        link = dest / "reward_models" / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(standin_dir / standin, target_is_directory=(standin_dir / standin).is_dir())
     return dest
 
 
@@ -229,6 +243,47 @@ def _lambda_schedule():
     return nodes, links, models_metadata(SD15_REF, SD15_DPO)
 
 
+def _lambda_search():
+    note = _sd15_models_note(
+        "\n\nReward models, in models/reward_models (nothing is downloaded; README 'λ Search'):\n"
+        f"• {PICKSCORE}/: huggingface.co/yuvalkirstain/PickScore_v1 (config.json, model.safetensors) plus the "
+        "processor files of huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K\n"
+        f"• {CLIP_L}/: huggingface.co/openai/clip-vit-large-patch14\n"
+        f"• {AESTHETIC}: github.com/christophschuhmann/improved-aesthetic-predictor\n\n"
+        "λ Search samples a few λ per round for both prompts and 2 seeds (the latent's batch), scores them with "
+        "PickScore, fits a Gaussian process and picks the next λ by expected improvement; the aesthetic score "
+        "is watched for reward hacking. Connect best_lambda to a DeRaDiff KSampler's λ to use it.")
+    nodes = [
+        _node("note", "Note", (0, 0), {"text": note}, size=(470, 520), title="DeRaDiff: find λ automatically"),
+        _node("pair", "DeRaDiffLoadAlignedPair", (0, 560),
+              {"reference_ckpt_name": SD15_REF, "aligned_model": f"diffusion_models/{SD15_DPO}",
+               "beta": DPO_BETA, "lora_strength": 1.0}, size=(470, None)),
+        _node("neg", "CLIPTextEncode", (510, 0), {"text": "blurry, low quality, deformed"}, size=(400, 130),
+              title="Negative prompt"),
+        _node("latent", "EmptyLatentImage", (510, 170), {"width": 512, "height": 512, "batch_size": 2}, size=(400, None)),
+        _node("reward", "DeRaDiffLoadRewardModel", (510, 330), {"kind": "pickscore", "model": PICKSCORE},
+              size=(400, None), title="Reward to maximise"),
+        _node("watch", "DeRaDiffLoadRewardModel", (510, 470),
+              {"kind": "laion_aesthetic", "model": CLIP_L, "aesthetic_head": AESTHETIC}, size=(400, None),
+              title="Reward to watch"),
+        _node("search", "DeRaDiffLambdaSearch", (950, 0),
+              {"prompts": "a red fox in the snow, detailed fur, golden hour light\na lighthouse on a cliff at dusk",
+               **SAMPLER_WIDGETS, "lambda_min": 0.0, "lambda_max": 3.0, "budget": 10, "lambdas_per_round": 3,
+               "beta": 0.0, "max_lambdas_per_pass": 0}, size=(400, None)),
+        _node("plot", "SaveImage", (1390, 0), {"filename_prefix": "DeRaDiff/lambda_search_plot"}, size=(680, 460)),
+        _node("best", "SaveImage", (1390, 500), {"filename_prefix": "DeRaDiff/lambda_search_best"}, size=(680, 420)),
+    ]
+    nodes[6]["widgets"].pop("denoise")
+    links = [
+        ("pair", "CLIP", "neg", "clip"), ("pair", "pair", "search", "pair"), ("pair", "CLIP", "search", "clip"),
+        ("pair", "VAE", "search", "vae"), ("reward", "reward_model", "search", "reward_model"),
+        ("neg", "CONDITIONING", "search", "negative"), ("latent", "LATENT", "search", "latent_image"),
+        ("watch", "reward_model", "search", "watch_reward_model"),
+        ("search", "plot", "plot", "images"), ("search", "best_images", "best", "images"),
+    ]
+    return nodes, links, models_metadata(SD15_REF, SD15_DPO)
+
+
 # name (file base name) -> builder
 WORKFLOWS = {
     "deradiff_sd15_dpo": _sd15_dpo,
@@ -236,6 +291,7 @@ WORKFLOWS = {
     "deradiff_lambda_sweep_grid": _lambda_sweep,
     "deradiff_realign_model_ksampler": _realign_model,
     "deradiff_lambda_schedule": _lambda_schedule,
+    "deradiff_lambda_search": _lambda_search,
 }
 
 
@@ -247,6 +303,7 @@ THUMBNAILS = {
     "deradiff_lambda_sweep_grid": (["DeRaDiffLambdaSweep", "DeRaDiffSweepGrid"], False),
     "deradiff_realign_model_ksampler": (["DeRaDiffRealignModel", "KSampler"], False),
     "deradiff_lambda_schedule": (["DeRaDiffLambdaSchedule"], True),
+    "deradiff_lambda_search": (["DeRaDiffLambdaSearch", "SaveImage"], True),
 }
 
 

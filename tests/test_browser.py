@@ -45,7 +45,8 @@ SHOTS = ARTIFACTS / "browser"
 UPDATE_IMAGES = os.environ.get("DERADIFF_UPDATE_EXAMPLE_IMAGES") == "1"
 EXAMPLE_NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
 # README screenshots (docs/<name>.png): the graph as loaded, or after its run
-DOC_IMAGES = {"deradiff_sd15_dpo": "loaded", "deradiff_lambda_sweep_grid": "ran", "deradiff_lambda_schedule": "ran"}
+DOC_IMAGES = {"deradiff_sd15_dpo": "loaded", "deradiff_lambda_sweep_grid": "ran", "deradiff_lambda_schedule": "ran",
+              "deradiff_lambda_search": "ran"}
 RUN_SIZE = 64
 RUN_STEPS = 2
 
@@ -235,6 +236,7 @@ SHRINK_JS = r"""
   for (const n of app.graph.nodes) for (const w of n.widgets ?? []) {
     if (n.type === "EmptyLatentImage" && (w.name === "width" || w.name === "height")) w.value = size;
     if (w.name === "steps") w.value = steps;
+    if (n.type === "DeRaDiffLambdaSearch" && w.name === "budget") w.value = 4;
   }
   app.graph.setDirtyCanvas(true, true);
 }
@@ -531,6 +533,8 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
             w, h = Image.open(path).size
             if node_of(data, "DeRaDiffSweepGrid"):
                 assert w > RUN_SIZE and h > RUN_SIZE, (w, h)  # a grid with labels
+            elif fed_by(data, save, "DeRaDiffLambdaSearch", "plot"):
+                assert w >= 400 and h >= 200, (w, h)  # the search's plot
             else:
                 assert (w, h) == (RUN_SIZE, RUN_SIZE)
         page.wait_for_function(
@@ -580,6 +584,14 @@ def scheduled(node) -> bool:
     return any(inp["name"] == "lambda_schedule" and inp.get("link") is not None for inp in node.get("inputs", []))
 
 
+def fed_by(data, node, source_type, output_name) -> bool:
+    """Whether a node of the workflow file takes its first input from ``source_type``'s named output."""
+    link_id = node["inputs"][0].get("link")
+    link = next((l for l in data["links"] if l[0] == link_id), None)
+    source = next((n for n in data["nodes"] if link and n["id"] == link[1]), None)
+    return bool(source and source["type"] == source_type and source["outputs"][link[2]]["name"] == output_name)
+
+
 def pair_beta(data, loaded):
     pair = next(n for n in data["nodes"] if n["type"] in ("DeRaDiffLoadAlignedPair", "DeRaDiffMakePair"))
     return next(w["value"] for w in loaded[pair["id"]]["widgets"] if w["name"] == "beta")
@@ -597,18 +609,20 @@ def check_editor_only_inputs(page, data, loaded, live_id, prompt):
             assert name not in inputs, f"{cls}.{name} is in the prompt: changing it would re-run the graph"
     beta = pair_beta(data, loaded)
     assert beta > 0  # the examples carry Diffusion-DPO's β
-    for inputs in by_type.get("DeRaDiffSweepGrid", []):
-        assert inputs.get("beta") == beta, f"the grid got β {inputs.get('beta')}, the pair loader has {beta}"
+    takes_beta = ("DeRaDiffSweepGrid", "DeRaDiffLambdaSearch")  # their β draws labels and axes
+    for cls in takes_beta:
+        for inputs in by_type.get(cls, []):
+            assert inputs.get("beta") == beta, f"{cls} got β {inputs.get('beta')}, the pair loader has {beta}"
     # a new β: the info lines follow at once, and only the grid's input changes in the prompt
     pair = next(n for n in data["nodes"] if n["type"] == "DeRaDiffLoadAlignedPair")
     page.evaluate(SET_WIDGET_JS, [live_id[pair["id"]], "beta", beta * 2])
     try:
         changed = page.evaluate(PROMPT_JS)
         for node_id, node in prompt.items():
-            if node["class_type"] == "DeRaDiffSweepGrid":
+            if node["class_type"] in takes_beta:
                 assert changed[node_id]["inputs"]["beta"] == beta * 2
                 changed[node_id]["inputs"]["beta"] = beta
-        assert changed == prompt, "a new β changed more of the prompt than the grid's β"
+        assert changed == prompt, "a new β changed more of the prompt than the grid's and search's β"
         texts = sorted(b["text"] for b in page.evaluate(INFO_BOX_JS))
         samplers = [n for n in data["nodes"] if n["type"] == "DeRaDiffKSampler"]
         for node in samplers:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
 _spec = importlib.util.spec_from_file_location(
@@ -16,25 +15,7 @@ rewards = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = rewards
 _spec.loader.exec_module(rewards)
 
-PROJECTION = 16
-IMAGE = 32
-
-
-def write_clip_folder(folder: Path, tokenizer_dir: Path, seed=0, processor_subfolder=False):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=49408, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=IMAGE, patch_size=8),
-        projection_dim=PROJECTION)
-    CLIPModel(config).eval().save_pretrained(folder)
-    processor = folder / "processor" if processor_subfolder else folder
-    CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(processor)
-    for f in tokenizer_dir.iterdir():  # CLIP's BPE tokenizer files, as ComfyUI ships them
-        shutil.copy(f, processor / f.name)
-    return folder
+from standins import CLIP_PROJECTION as PROJECTION, write_aesthetic_head, write_clip_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -88,22 +69,6 @@ def test_processor_files_in_a_subfolder(tmp_path, tokenizer_dir):
     logits, _, _ = reference_logits(folder, imgs, PROMPTS[:2])
     torch.testing.assert_close(rewards.PickScore(str(folder)).score(imgs, PROMPTS[:2]), logits.diagonal().float(),
                                rtol=1e-4, atol=1e-4)
-
-
-def write_aesthetic_head(path: Path, width=PROJECTION, seed=0, drop=None):
-    g = torch.Generator().manual_seed(seed)
-    sizes = [width, 1024, 128, 64, 16, 1]
-    state = {}
-    for layer, (a, b) in zip(("layers.0", "layers.2", "layers.4", "layers.6", "layers.7"), zip(sizes, sizes[1:])):
-        state[f"{layer}.weight"] = torch.randn(b, a, generator=g) / a ** 0.5
-        state[f"{layer}.bias"] = torch.randn(b, generator=g) * 0.1
-    if drop:
-        del state[drop]
-    if path.suffix == ".safetensors":
-        safetensors.torch.save_file(state, str(path))
-    else:
-        torch.save(state, path)
-    return state
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
