@@ -16,7 +16,13 @@ The module starts its own server (scripts/comfy_server.ComfyServer, like the ses
 server_rig) so that the baseline is computed on a server that has never run a DeRaDiff prompt,
 whatever ran before in the session. 64x64 latents and 3 steps, except the cancelled prompts
 (60 steps at 256x256, as in test_server.py::test_cancel_over_websocket, so the interrupt sent on
-the first progress message lands long before the end).
+the first progress message lands long before the end). The module takes about 2.5 minutes on two
+CPU cores (server start included; measured with other work on the machine), much longer under heavy load.
+
+Each leak test can fail: a patch left on the reference's BaseModel (a forward hook) after the run
+fails all fifteen; left only when the run raised (cleanup on the success path only) fails exactly
+the fail and cancel cases; LoRA hooks / LoHa weight functions not removed by SharedWeightDelta fail
+the lora, loha and realign cases. The cache tests fail under --cache-none and when λ is not changed.
 """
 from __future__ import annotations
 
