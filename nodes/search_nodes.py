@@ -7,8 +7,8 @@ import torch
 from ..sampler.lambda_search import LambdaSearch
 from ..sampler.plots import fmt_number, search_plot
 from ..sampler.rewards import KINDS, RewardModelError
-from ..sampler.search_run import (ImageSearchSetup, load_comfy_reward_model, progress_bar, register_reward_folder,
-                                  reward_folders, reward_head_files, reward_path, run_search)
+from ..sampler.search_run import (ImageSearchSetup, load_comfy_reward_model, register_reward_folder, reward_folders,
+                                  reward_head_files, reward_path, run_search)
 from .common import CATEGORY, PAIR_INPUT, NodeInputError, check_pair, sampler_inputs
 
 register_reward_folder()  # before INPUT_TYPES lists it
@@ -185,10 +185,10 @@ class DeRaDiffLambdaSearch:
         import nodes as comfy_nodes  # ComfyUI's own text encoding, as CLIPTextEncode does it
         positives = [comfy_nodes.CLIPTextEncode().encode(clip, text)[0] for text in lines]
         setup = ImageSearchSetup(pair, lines, positives, negative, latent_image, seed, steps, cfg, sampler_name,
-                                 scheduler, vae, reward_model, watch_reward_model, max_lambdas_per_pass)
+                                 scheduler, vae, reward_model, watch_reward_model, max_lambdas_per_pass, int(budget))
         search = LambdaSearch(float(lambda_min), float(lambda_max), int(budget), int(lambdas_per_round),
                               initial=min(4, int(budget)))
-        result = run_search(search, setup.evaluate, progress_bar(int(budget)))
+        result = run_search(search, setup.evaluate)
         beta = beta or getattr(pair, "beta", None) or None
         plot, table = self._report(result, reward_model, watch_reward_model, beta)
         best_images = setup.images_at(result.best_lambda)

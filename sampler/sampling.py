@@ -18,8 +18,9 @@ def ksampler_sigmas(model, steps, sampler_name, scheduler, denoise):
 
 
 def realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                       latent, denoise=1.0):
-    """common_ksampler with a DeRaDiffGuider in place of the CFGGuider."""
+                       latent, denoise=1.0, callback=None):
+    """common_ksampler with a DeRaDiffGuider in place of the CFGGuider (``callback``: instead of its
+    own progress bar and preview)."""
     reference = pair.reference
     latent_image = comfy.sample.fix_empty_latent_channels(reference, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
@@ -27,7 +28,7 @@ def realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, pos
 
     guider = DeRaDiffGuider(pair, lam, cfg)
     guider.set_conds(positive, negative)
-    callback = latent_preview.prepare_callback(reference, steps)
+    callback = callback or latent_preview.prepare_callback(reference, steps)
     samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
                             denoise_mask=latent.get("noise_mask"), callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)

@@ -11,7 +11,6 @@ import torch
 
 import comfy.model_management as mm
 import comfy.model_patcher
-import comfy.utils
 
 from .lambda_search import LambdaSearch
 from .rewards import KINDS, RewardModel, load_reward_model  # noqa: F401  (KINDS: for the node)
@@ -147,14 +146,32 @@ class ImageSearchSetup:
     reward: ComfyRewardModel
     watch: ComfyRewardModel | None = None
     max_per_pass: int = 0
+    budget: int = 0  # λ evaluations in all: sizes the one progress bar
     latents: dict = field(default_factory=dict)  # λ -> sampled latents, prompt-major
+    _done: int = 0  # progress units (one per λ, prompt and step) finished
+    _progress: object = None
+
+    def _callback(self, lams_in_sweep: int):
+        """One bar over the whole search: this sweep covers lams_in_sweep x steps units of it."""
+        import latent_preview
+        if self._progress is None:
+            total = max(1, self.budget) * len(self.prompts) * self.steps
+            self._progress = (latent_preview.prepare_callback(self.pair.reference, total), total)
+        update, total = self._progress
+        base, span = self._done, lams_in_sweep * self.steps
+        self._done += span
+
+        def callback(step, x0, x, sweep_total):
+            update(min(total, base + (step + 1) * span // max(1, sweep_total)) - 1, x0, x, total)
+        return callback
 
     def evaluate(self, lams: list[float]) -> list[Evaluation]:
         seeds = self.latent["samples"].shape[0]
         per_lambda = {lam: ([], [] if self.watch else None, []) for lam in lams}
         for prompt, positive in zip(self.prompts, self.positives):
             out = lambda_sweep(self.pair, lams, self.seed, self.steps, self.cfg, self.sampler_name, self.scheduler,
-                               positive, self.negative, self.latent, 1.0, self.max_per_pass)["samples"]
+                               positive, self.negative, self.latent, 1.0, self.max_per_pass,
+                               callback=self._callback(len(lams)))["samples"]
             images = decode(self.vae, out)
             texts = [prompt] * images.shape[0]
             scores = self.reward.score(images, texts).tolist()
@@ -180,6 +197,3 @@ class ImageSearchSetup:
         return decode(self.vae, samples)
 
 
-def progress_bar(total: int):
-    bar = comfy.utils.ProgressBar(total)
-    return lambda done, _total: bar.update_absolute(done, total)

@@ -110,14 +110,17 @@ SEQUENTIAL_SAMPLERS = {"dpm_adaptive"}
 
 
 def lambda_sweep(pair, lambdas, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                 denoise=1.0, max_per_pass=0):
-    """Returns a LATENT holding len(lambdas) x batch samples, λ-major."""
+                 denoise=1.0, max_per_pass=0, callback=None):
+    """Returns a LATENT holding len(lambdas) x batch samples, λ-major. ``callback(step, x0, x, total)``
+    replaces the sweep's own progress bar and preview (a caller that runs several sweeps under one bar)."""
     if sampler_name in SEQUENTIAL_SAMPLERS:
         from .sampling import realigned_ksampler
         log.info("DeRaDiff λ Sweep: %s adapts its steps to the whole batch; running the %d λ one "
                  "after another so each equals its own DeRaDiff KSampler run.", sampler_name, len(lambdas))
         runs = [realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                   latent, denoise) for lam in lambdas]
+                                   latent, denoise, callback=None if callback is None else
+                                   _offset_callback(callback, i * steps, steps * len(lambdas)))
+                for i, lam in enumerate(lambdas)]
         out = dict(runs[0])
         out["samples"] = torch.cat([r["samples"] for r in runs])
         out.pop("batch_index", None)
@@ -135,7 +138,7 @@ def lambda_sweep(pair, lambdas, seed, steps, cfg, sampler_name, scheduler, posit
     if len(passes) > 1:
         log.info("DeRaDiff λ Sweep: %d λ in %d passes of up to %d (memory per pass: %d images per model call)",
                  len(lambdas), len(passes), per_pass, 2 * per_pass * group)
-    progress = latent_preview.prepare_callback(reference, steps * len(passes))
+    progress = callback or latent_preview.prepare_callback(reference, steps * len(passes))
     results = []
     for index, chunk in enumerate(passes):
         comfy.model_management.throw_exception_if_processing_interrupted()

@@ -74,3 +74,48 @@ def test_broken_reward_folder_names_node_and_input(comfy_server, reward_models):
     message = error_message(entry)
     assert "DeRaDiff Load Reward Model: input 'model'" in message and "broken-clip" in message, message
     comfy_server.check_alive()
+
+
+def search_graph(seed, budget, steps, prefix, size=64):
+    g = Graph()
+    pair, clip, vae = load_pair(g, SD15_REF, SD15_ALIGNED_CKPT)
+    negative = out(g.add("CLIPTextEncode", clip=clip, text="blurry"))
+    reward = g.add("DeRaDiffLoadRewardModel", kind="clip_score", model="tiny-clip")
+    search = g.add("DeRaDiffLambdaSearch", pair=pair, clip=clip, vae=vae, reward_model=out(reward),
+                   prompts="a red fox\na lighthouse", negative=negative, latent_image=empty_latent(g, size),
+                   seed=seed, steps=steps, cfg=5.0, sampler_name="euler", scheduler="normal", lambda_min=0.0,
+                   lambda_max=2.0, budget=budget, lambdas_per_round=2)
+    g.add("SaveImage", images=out(search, 1), filename_prefix=prefix)
+    return g, search
+
+
+def test_search_reports_one_progress_bar_and_can_be_cancelled(comfy_server, reward_models):
+    from test_server import json_messages
+    budget, steps, prompts = 4, 2, 2
+    g, search = search_graph(SEED + 1, budget, steps, "search_progress")
+    prompt_id, messages = comfy_server.ws_run(g, timeout=400)
+    progress = [p for p in json_messages(messages, "progress", prompt_id) if p["node"] == search]
+    bar = [p for p in progress if p["max"] == budget * prompts * steps]
+    # the search's own bar, over every round (then the best λ's images may add a sweep of their own)
+    assert bar and bar == progress[:len(bar)], progress
+    values = [p["value"] for p in bar]
+    assert values == sorted(values) and values[-1] == budget * prompts * steps, values
+
+    # cancelled inside the first sweep: stops there, and the server goes on serving
+    g, search = search_graph(SEED + 2, 6, 30, "search_cancelled", size=128)
+    interrupted = []
+
+    def interrupt_on_first_progress(msg, server):
+        if isinstance(msg, dict) and msg["type"] == "progress" and not interrupted:
+            interrupted.append(msg["data"]["value"])
+            server.interrupt(msg["data"]["prompt_id"])
+
+    prompt_id, messages = comfy_server.ws_run(g, on_message=interrupt_on_first_progress, timeout=400)
+    assert interrupted, "no progress before the end of the prompt"
+    stopped = json_messages(messages, "execution_interrupted", prompt_id)
+    assert stopped and stopped[0]["node_id"] == search, stopped
+    values = [p["value"] for p in json_messages(messages, "progress", prompt_id)]
+    assert max(values) < 6 * 2 * 30 // 2, f"the search went on after the cancel: {values[-5:]}"
+    assert not list(comfy_server.output_dir.glob("search_cancelled*"))
+    entry = comfy_server.run(search_graph(SEED + 3, 2, 1, "search_after_cancel")[0], timeout=300)
+    assert status_of(entry) == "success"
