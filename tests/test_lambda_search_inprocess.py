@@ -179,5 +179,8 @@ def test_lambda_search_node_on_sd15(pack, comfy, reward_dir):
     errors = pack.nodes.common.NodeInputError
     with pytest.raises(errors, match="input 'lambda_max'"):
         node.search(pair, clip, vae, reward, "x", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal", 1.0, 1.0, 5, 2)
+    with pytest.raises(errors, match="input 'lambda_min'"):
+        node.search(pair, clip, vae, reward, "x", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal",
+                    float("nan"), 1.0, 5, 2)
     with pytest.raises(errors, match="input 'prompts'"):
         node.search(pair, clip, vae, reward, " \n ", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal", 0.0, 1.0, 5, 2)
