@@ -555,8 +555,9 @@ def main():
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the server's temporary directory")
     args = ap.parse_args()
-    if args.soak is not None and args.soak < 2 * len(SOAK_KINDS):
-        ap.error(f"--soak needs at least {2 * len(SOAK_KINDS)} prompts (its second half must repeat kinds)")
+    if args.soak is not None and args.soak < 2 * len(SOAK_KINDS) + 1:
+        # the slopes are taken between prompts of the same kind within the second half
+        ap.error(f"--soak needs at least {2 * len(SOAK_KINDS) + 1} prompts (its second half must repeat a kind)")
 
     server, root, version = make_server(args.cache, args.models)
     print(f"ComfyUI {version} ({root}); cache mode {args.cache}; models {args.models}; "
