@@ -77,6 +77,33 @@ def check_pair(node: str, pair):
     return pair
 
 
+def check_conditioning(node: str, input_name: str, value):
+    """A CONDITIONING is a list of [tensor, dict] entries. ComfyUI's validation lets a plain value
+    through where a link was expected; without this check it would fail deep in the sampler."""
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(c, (list, tuple)) and len(c) >= 2 and hasattr(c[0], "shape") and isinstance(c[1], dict)
+        for c in value)
+    if not ok:
+        raise NodeInputError(node, input_name, f"expected a CONDITIONING (connect a CLIP Text Encode), got "
+                             f"{type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def check_latent(node: str, input_name: str, value):
+    samples = value.get("samples") if isinstance(value, dict) else None
+    if not hasattr(samples, "shape") or len(samples.shape) < 4:
+        raise NodeInputError(node, input_name, f"expected a LATENT (e.g. from Empty Latent Image), got "
+                             f"{type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def check_sampler_inputs(node: str, positive, negative, latent_image=None):
+    check_conditioning(node, "positive", positive)
+    check_conditioning(node, "negative", negative)
+    if latent_image is not None:
+        check_latent(node, "latent_image", latent_image)
+
+
 def lambda_or_schedule(node: str, kwargs):
     """The schedule when one is connected, else the checked constant λ; plus a line for the UI."""
     schedule = kwargs.get("lambda_schedule")

@@ -5,7 +5,7 @@ import logging
 from ..sampler.guider import DeRaDiffGuider
 from ..sampler.sampling import realigned_ksampler
 from .common import (CATEGORY, LAMBDA_INPUT, PAIR_INPUT, SCHEDULE_INPUT, check_number, check_pair,
-                     check_sampling_numbers, emulated_beta_text, lambda_or_schedule, sampler_inputs)
+                     check_sampler_inputs, check_sampling_numbers, emulated_beta_text, lambda_or_schedule, sampler_inputs)
 
 log = logging.getLogger("DeRaDiff")
 
@@ -47,6 +47,7 @@ class DeRaDiffKSampler:
         check_pair(self.NODE, pair)
         lam, schedule_text = lambda_or_schedule(self.NODE, kwargs)
         cfg, denoise = check_sampling_numbers(self.NODE, cfg, denoise)
+        check_sampler_inputs(self.NODE, positive, negative, latent_image)
         text = _ui_text(pair, lam, schedule_text)
         log.info("DeRaDiff KSampler: %s", text)
         out = realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
@@ -81,6 +82,7 @@ class DeRaDiffGuiderNode:
         check_pair(self.NODE, pair)
         lam, schedule_text = lambda_or_schedule(self.NODE, kwargs)
         cfg = check_number(self.NODE, "cfg", cfg)
+        check_sampler_inputs(self.NODE, positive, negative)
         guider = DeRaDiffGuider(pair, lam, cfg)
         guider.set_conds(positive, negative)
         return {"ui": _ui(_ui_text(pair, lam, schedule_text), schedule_text), "result": (guider,)}

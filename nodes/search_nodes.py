@@ -9,7 +9,8 @@ from ..sampler.plots import fmt_number, search_plot
 from ..sampler.rewards import KINDS, RewardModelError
 from ..sampler.search_run import (ImageSearchSetup, load_comfy_reward_model, register_reward_folder, reward_folders,
                                   reward_head_files, reward_path, run_search)
-from .common import CATEGORY, PAIR_INPUT, NodeInputError, check_number, check_pair, sampler_inputs
+from .common import (CATEGORY, PAIR_INPUT, NodeInputError, check_conditioning, check_latent, check_number,
+                     check_pair, sampler_inputs)
 
 register_reward_folder()  # before INPUT_TYPES lists it
 
@@ -183,6 +184,8 @@ class DeRaDiffLambdaSearch:
         lambda_max = check_number(self.NODE, "lambda_max", lambda_max, 0.0)
         cfg = check_number(self.NODE, "cfg", cfg)
         beta = check_number(self.NODE, "beta", beta, 0.0)
+        check_conditioning(self.NODE, "negative", negative)
+        check_latent(self.NODE, "latent_image", latent_image)
         if not lambda_max > lambda_min:
             raise NodeInputError(self.NODE, "lambda_max", f"must be above lambda_min ({lambda_min}), got {lambda_max}")
         lines = _prompt_lines(self.NODE, "prompts", prompts)

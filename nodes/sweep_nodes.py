@@ -10,7 +10,7 @@ from ..sampler.realign_model import realigned_model
 from ..sampler.schedules import parse_values
 from ..sampler.sweep import lambda_sweep
 from .common import (CATEGORY, LAMBDA_INPUT, PAIR_INPUT, SCHEDULE_INPUT, NodeInputError, check_pair,
-                     check_sampling_numbers, lambda_or_schedule, sampler_inputs)
+                     check_sampler_inputs, check_sampling_numbers, lambda_or_schedule, sampler_inputs)
 
 
 
@@ -80,6 +80,7 @@ class DeRaDiffLambdaSweep:
         if bad:
             raise NodeInputError(self.NODE, "lambdas", f"λ must be a finite number >= 0, got {bad[0]:g}")
         cfg, denoise = check_sampling_numbers(self.NODE, cfg, denoise)
+        check_sampler_inputs(self.NODE, positive, negative, latent_image)
         out = lambda_sweep(pair, values, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                            latent_image, denoise, max_per_pass=max_lambdas_per_pass)
         per_lambda = latent_image["samples"].shape[0]

@@ -255,6 +255,10 @@ CASES = {
     "missing_aligned_file": (lambda: sampler_graph(aligned="loras/no_such_lora.safetensors"), V, PAIR,
                              "aligned_model", ["not in"]),
     "make_pair_link_to_wrong_output": (make_pair_wrong_link, V, "DeRaDiffMakePair", "aligned", ["CLIP"]),
+    # ComfyUI's validation lets a plain value through where a link of a custom type is expected
+    # (found by the fuzz: a string as positive crashed deep in the sampler)
+    "positive_plain_value": (lambda: sampler_graph(0.5, positive="abc"), X, KS, "positive", ["CONDITIONING"]),
+    "sweep_negative_plain_value": (lambda: sweep_graph(negative=3), X, SWEEP, "negative", ["CONDITIONING"]),
 }
 for _kind in ("corrupt", "truncated"):
     _what = "header too large" if _kind == "corrupt" else "file not fully covered"
