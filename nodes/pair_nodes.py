@@ -253,6 +253,10 @@ class DeRaDiffMakePair:
 
     def make(self, reference, aligned, beta=0.0):
         beta = check_number(self.NODE, "beta", beta, 0.0)
+        for name, value in (("reference", reference), ("aligned", aligned)):
+            if not (hasattr(value, "clone") and hasattr(value, "model")):  # a MODEL is a ModelPatcher
+                raise NodeInputError(self.NODE, name, f"expected a MODEL (connect a checkpoint or UNet loader), "
+                                     f"got {type(value).__name__} {str(value)[:40]!r}")
         try:
             pair = make_pair(reference, aligned, beta, "reference", "aligned")
         except PairError as e:

@@ -104,6 +104,10 @@ class DeRaDiffRewardScore:
         }
 
     def score(self, images, reward_model, prompt):
+        if not hasattr(reward_model, "score"):
+            raise NodeInputError(self.NODE, "reward_model", f"expected a {REWARD_TYPE}, got {type(reward_model).__name__}")
+        if getattr(images, "ndim", 0) != 4:
+            raise NodeInputError(self.NODE, "images", f"expected an IMAGE batch, got {type(images).__name__}")
         n = images.shape[0]
         if reward_model.uses_prompt:
             lines = _prompt_lines(self.NODE, "prompt", prompt)
@@ -186,6 +190,11 @@ class DeRaDiffLambdaSearch:
         beta = check_number(self.NODE, "beta", beta, 0.0)
         check_conditioning(self.NODE, "negative", negative)
         check_latent(self.NODE, "latent_image", latent_image)
+        for name, value, method, kind in (("clip", clip, "tokenize", "CLIP"), ("vae", vae, "decode", "VAE"),
+                                          ("reward_model", reward_model, "score", REWARD_TYPE),
+                                          ("watch_reward_model", watch_reward_model, "score", REWARD_TYPE)):
+            if (value is not None or name != "watch_reward_model") and not hasattr(value, method):
+                raise NodeInputError(self.NODE, name, f"expected a {kind}, got {type(value).__name__}")
         if not lambda_max > lambda_min:
             raise NodeInputError(self.NODE, "lambda_max", f"must be above lambda_min ({lambda_min}), got {lambda_max}")
         lines = _prompt_lines(self.NODE, "prompts", prompts)

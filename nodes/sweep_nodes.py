@@ -117,6 +117,11 @@ class DeRaDiffSweepGrid:
         }
 
     def grid(self, images, labels, columns, beta=0.0):
+        if getattr(images, "ndim", 0) != 4:
+            raise NodeInputError(self.NODE, "images", f"expected an IMAGE batch (VAE Decode of the sweep's "
+                                 f"latents), got {type(images).__name__}")
+        if not isinstance(labels, str):
+            raise NodeInputError(self.NODE, "labels", f"expected the sweep's labels (text), got {type(labels).__name__}")
         if not (beta >= 0 and math.isfinite(beta)):
             raise NodeInputError(self.NODE, "beta", f"β must be a finite number >= 0, got {beta}")
         lines = [with_beta(line, beta) for line in labels.split("\n")] if labels else []

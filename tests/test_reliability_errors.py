@@ -216,6 +216,14 @@ def make_pair_wrong_link():
     return g
 
 
+def make_pair_plain_value():
+    g = make_pair_wrong_link()
+    pair = next(n for n, v in g.items() if v["class_type"] == "DeRaDiffMakePair")
+    g[pair]["inputs"]["aligned"] = g[pair]["inputs"]["reference"]
+    g[pair]["inputs"]["reference"] = None
+    return g
+
+
 V, X = "validation", "execution"
 KS, PAIR, SCHED, SWEEP = "DeRaDiffKSampler", "DeRaDiffLoadAlignedPair", "DeRaDiffLambdaSchedule", "DeRaDiffLambdaSweep"
 # id -> (graph builder, expected end, node class, input, words the message must hold)
@@ -259,6 +267,7 @@ CASES = {
     # (found by the fuzz: a string as positive crashed deep in the sampler)
     "positive_plain_value": (lambda: sampler_graph(0.5, positive="abc"), X, KS, "positive", ["CONDITIONING"]),
     "sweep_negative_plain_value": (lambda: sweep_graph(negative=3), X, SWEEP, "negative", ["CONDITIONING"]),
+    "make_pair_plain_value": (make_pair_plain_value, X, "DeRaDiffMakePair", "reference", ["expected a MODEL"]),
 }
 for _kind in ("corrupt", "truncated"):
     _what = "header too large" if _kind == "corrupt" else "file not fully covered"
