@@ -105,6 +105,9 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         self.set_cfg(cfg)
         self._aligned_run = None
         self._percent_of = None
+        # called as observer(x, sigma, d_ref, d_aligned, lam) at every evaluation that ran both
+        # models (particle mode reads the two predictions from here)
+        self.prediction_observer = None
         if self.aligned_side is not None:
             warn_run_level_wrappers(pair.aligned, pair.reference, pair.aligned_name)
 
@@ -157,8 +160,13 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         if not sampler_post_cfg:
             d_ref = super().predict_noise(x, timestep, model_options, seed)
             d_al = self._denoise_aligned(run, x, timestep, model_options, [], seed)
+            self._observe(x, timestep, d_ref, d_al, lam)
             return mix(d_ref, d_al, lam)
         return self._mix_with_sampler_post_cfg(run, x, timestep, model_options, sampler_post_cfg, lam, seed)
+
+    def _observe(self, x, timestep, d_ref, d_al, lam):
+        if self.prediction_observer is not None:
+            self.prediction_observer(x, timestep, d_ref, d_al, lam)
 
     def _aligned_options(self, run, model_options, post_cfg):
         options = run.model_options.copy()
@@ -195,6 +203,7 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         d_ref = super().predict_noise(x, timestep, ref_options, seed)
         d_al = self._denoise_aligned(run, x, timestep, model_options, [capture], seed)
         (c_ref, u_ref), (c_al, u_al) = captured
+        self._observe(x, timestep, d_ref, d_al, lam)
         denoised = mix(d_ref, d_al, lam)
         cond = mix(c_ref, c_al, lam)
         uncond = mix(u_ref, u_al, lam)
