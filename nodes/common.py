@@ -19,6 +19,14 @@ LAMBDA_INPUT = ("FLOAT", {
                "KL penalty, β/λ; can degrade past 2-3). λ 0 and 1 cost one model pass per step, "
                "other values two."})
 
+FULL_PASS_INPUT = ("INT", {
+    "default": 1, "min": 1, "max": 8,
+    "tooltip": "Run both models only on every k-th step; the steps in between run ONE model and reuse "
+               "the last difference between the two (the first step, the last step and the inner "
+               "evaluations of multi-step samplers always run both). 1 = exact DeRaDiff, two passes per "
+               "step; 2 ≈ 1.5 passes; 3 ≈ 1.33. Faster, slightly approximate: see README, 'Difference "
+               "reuse', for the measured error. No effect at λ = 0 or 1 (one model anyway)."})
+
 BETA_INPUT = ("FLOAT", {
     "default": 0.0, "min": 0.0, "max": 1e6, "step": 0.1,
     "tooltip": "Optional: the β (KL strength) the aligned model was trained at, e.g. 5000 for "
@@ -69,6 +77,18 @@ def check_sampling_numbers(node: str, cfg, denoise=None):
     if denoise is None:
         return cfg, None
     return cfg, check_number(node, "denoise", denoise, 0.0, 1.0)
+
+
+def check_full_pass_every(node: str, value) -> int:
+    """``full_pass_every`` as an int >= 1 (a client can send 0, a float or a string)."""
+    try:
+        every = int(value)
+    except (TypeError, ValueError):
+        raise NodeInputError(node, "full_pass_every", f"expected a whole number >= 1, got {value!r}") from None
+    if every < 1 or every != value and not isinstance(value, str):
+        raise NodeInputError(node, "full_pass_every", f"expected a whole number >= 1 (1 = both models on every "
+                             f"step), got {value!r}")
+    return every
 
 
 def check_pair(node: str, pair):

@@ -4,7 +4,7 @@ import logging
 
 from ..sampler.guider import DeRaDiffGuider
 from ..sampler.sampling import realigned_ksampler
-from .common import (CATEGORY, LAMBDA_INPUT, PAIR_INPUT, SCHEDULE_INPUT, check_number, check_pair,
+from .common import (CATEGORY, FULL_PASS_INPUT, LAMBDA_INPUT, check_full_pass_every, PAIR_INPUT, SCHEDULE_INPUT, check_number, check_pair,
                      check_sampler_inputs, check_sampling_numbers, emulated_beta_text, lambda_or_schedule, sampler_inputs)
 
 log = logging.getLogger("DeRaDiff")
@@ -39,7 +39,7 @@ class DeRaDiffKSampler:
                 "lambda": LAMBDA_INPUT,
                 **sampler_inputs(),
             },
-            "optional": {"lambda_schedule": SCHEDULE_INPUT},
+            "optional": {"lambda_schedule": SCHEDULE_INPUT, "full_pass_every": FULL_PASS_INPUT},
         }
 
     def sample(self, pair, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
@@ -48,10 +48,11 @@ class DeRaDiffKSampler:
         lam, schedule_text = lambda_or_schedule(self.NODE, kwargs)
         cfg, denoise = check_sampling_numbers(self.NODE, cfg, denoise)
         check_sampler_inputs(self.NODE, positive, negative, latent_image)
+        every = check_full_pass_every(self.NODE, kwargs.get("full_pass_every", 1))
         text = _ui_text(pair, lam, schedule_text)
         log.info("DeRaDiff KSampler: %s", text)
         out = realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                 latent_image, denoise)
+                                 latent_image, denoise, full_pass_every=every)
         return {"ui": _ui(text, schedule_text), "result": (out,)}
 
 
@@ -75,7 +76,7 @@ class DeRaDiffGuiderNode:
                                   "tooltip": "Classifier-free guidance scale, applied to each model separately."}),
                 "lambda": LAMBDA_INPUT,
             },
-            "optional": {"lambda_schedule": SCHEDULE_INPUT},
+            "optional": {"lambda_schedule": SCHEDULE_INPUT, "full_pass_every": FULL_PASS_INPUT},
         }
 
     def get_guider(self, pair, positive, negative, cfg, **kwargs):
@@ -83,6 +84,7 @@ class DeRaDiffGuiderNode:
         lam, schedule_text = lambda_or_schedule(self.NODE, kwargs)
         cfg = check_number(self.NODE, "cfg", cfg)
         check_sampler_inputs(self.NODE, positive, negative)
-        guider = DeRaDiffGuider(pair, lam, cfg)
+        every = check_full_pass_every(self.NODE, kwargs.get("full_pass_every", 1))
+        guider = DeRaDiffGuider(pair, lam, cfg, every)
         guider.set_conds(positive, negative)
         return {"ui": _ui(_ui_text(pair, lam, schedule_text), schedule_text), "result": (guider,)}

@@ -9,7 +9,8 @@ from ..sampler.plots import fmt_number, labelled_grid
 from ..sampler.realign_model import realigned_model
 from ..sampler.schedules import parse_values
 from ..sampler.sweep import lambda_sweep
-from .common import (CATEGORY, LAMBDA_INPUT, PAIR_INPUT, SCHEDULE_INPUT, NodeInputError, check_pair,
+from .common import (CATEGORY, FULL_PASS_INPUT, LAMBDA_INPUT, PAIR_INPUT, SCHEDULE_INPUT, NodeInputError,
+                     check_full_pass_every, check_pair,
                      check_sampler_inputs, check_sampling_numbers, lambda_or_schedule, sampler_inputs)
 
 
@@ -64,11 +65,12 @@ class DeRaDiffLambdaSweep:
                                "fit in free GPU memory by ComfyUI's own estimate (every model call carries "
                                "λ count x batch images; 8 λ of SDXL at 1024x1024 need several GB). Lower it "
                                "if you run out of memory; results are the same either way."}),
+                "full_pass_every": FULL_PASS_INPUT,
             },
         }
 
     def sweep(self, pair, lambdas, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-              denoise=1.0, max_lambdas_per_pass=0):
+              denoise=1.0, max_lambdas_per_pass=0, full_pass_every=1):
         check_pair(self.NODE, pair)
         try:
             values = parse_values(lambdas)
@@ -81,8 +83,9 @@ class DeRaDiffLambdaSweep:
             raise NodeInputError(self.NODE, "lambdas", f"λ must be a finite number >= 0, got {bad[0]:g}")
         cfg, denoise = check_sampling_numbers(self.NODE, cfg, denoise)
         check_sampler_inputs(self.NODE, positive, negative, latent_image)
+        every = check_full_pass_every(self.NODE, full_pass_every)
         out = lambda_sweep(pair, values, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                           latent_image, denoise, max_per_pass=max_lambdas_per_pass)
+                           latent_image, denoise, max_per_pass=max_lambdas_per_pass, full_pass_every=every)
         per_lambda = latent_image["samples"].shape[0]
         labels = [sweep_label(v, pair.beta) for v in values for _ in range(per_lambda)]
         return (out, "\n".join(labels), values)
@@ -146,10 +149,11 @@ class DeRaDiffRealignModel:
     def INPUT_TYPES(cls):
         return {
             "required": {"pair": PAIR_INPUT, "lambda": LAMBDA_INPUT},
-            "optional": {"lambda_schedule": SCHEDULE_INPUT},
+            "optional": {"lambda_schedule": SCHEDULE_INPUT, "full_pass_every": FULL_PASS_INPUT},
         }
 
     def realign(self, pair, **kwargs):
         check_pair(self.NODE, pair)
         lam, _ = lambda_or_schedule(self.NODE, kwargs)
-        return (realigned_model(pair, lam),)
+        every = check_full_pass_every(self.NODE, kwargs.get("full_pass_every", 1))
+        return (realigned_model(pair, lam, every),)

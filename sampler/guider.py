@@ -17,6 +17,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.samplers
 
+from .difference_reuse import DifferenceMemory, StepPlan, cheaper_side
 from .mixing import mix_equal_variance, mix_per_sample
 from .schedules import PercentOfSigma, as_schedule
 
@@ -92,8 +93,9 @@ def warn_run_level_wrappers(aligned, reference, aligned_name):
 
 
 class DeRaDiffGuider(comfy.samplers.CFGGuider):
-    def __init__(self, pair, lam, cfg: float):
+    def __init__(self, pair, lam, cfg: float, full_pass_every: int = 1):
         self.pair = pair
+        self.full_pass_every = max(1, int(full_pass_every))
         self.schedule = as_schedule(lam)
         reference = pair.reference.clone()
         self.aligned_side = pair.aligned_side() if self.schedule.uses_aligned else None
@@ -108,6 +110,8 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         # called as observer(x, sigma, d_ref, d_aligned, lam) at every evaluation that ran both
         # models (particle mode reads the two predictions from here)
         self.prediction_observer = None
+        self._plan = None  # StepPlan of the current run when full_pass_every > 1
+        self._memory = DifferenceMemory()
         if self.aligned_side is not None:
             warn_run_level_wrappers(pair.aligned, pair.reference, pair.aligned_name)
 
@@ -115,6 +119,8 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
                      disable_pbar, seed, *args, **kwargs):
         self._percent_of = PercentOfSigma(self.inner_model.model_sampling.percent_to_sigma)
+        self._memory.forget()
+        self._plan = StepPlan(self.full_pass_every, sigmas) if self.full_pass_every > 1 else None
         if self.aligned_side is None:
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
                                         callback, disable_pbar, seed, *args, **kwargs)
@@ -158,11 +164,24 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         if is_exactly(lam, 1.0):
             return self._denoise_aligned(run, x, timestep, model_options, sampler_post_cfg, seed)
         if not sampler_post_cfg:
+            plan = self._plan
+            if plan is not None and not plan.is_full(timestep) and self._memory.ready(x.shape, [True]):
+                return self._one_model_and_stale_difference(run, x, timestep, model_options, lam, seed)
             d_ref = super().predict_noise(x, timestep, model_options, seed)
             d_al = self._denoise_aligned(run, x, timestep, model_options, [], seed)
+            if plan is not None:
+                self._memory.remember([d_ref], [d_al])
             self._observe(x, timestep, d_ref, d_al, lam)
             return mix(d_ref, d_al, lam)
         return self._mix_with_sampler_post_cfg(run, x, timestep, model_options, sampler_post_cfg, lam, seed)
+
+    def _one_model_and_stale_difference(self, run, x, timestep, model_options, lam, seed):
+        side = cheaper_side(lam)
+        if side == "reference":
+            d_one = super().predict_noise(x, timestep, model_options, seed)
+        else:
+            d_one = self._denoise_aligned(run, x, timestep, model_options, [], seed)
+        return self._memory.complete([d_one], side, lam)[0]
 
     def _observe(self, x, timestep, d_ref, d_al, lam):
         if self.prediction_observer is not None:

@@ -27,6 +27,7 @@ import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
 
+from .difference_reuse import DifferenceMemory, StepPlan, cheaper_side
 from .guider import ALIGNED_KEY, aligned_model_options, is_exactly, mix, warn_run_level_wrappers
 from .options_delta import added_since, merged, options_shape, select
 from .schedules import PercentOfSigma, as_schedule
@@ -54,8 +55,11 @@ def _options_as_sampled(patcher) -> dict:
 
 
 class RealignedCalcCondBatch:
-    def __init__(self, pair, side, schedule, realigned):
+    def __init__(self, pair, side, schedule, realigned, full_pass_every=1):
         self.pair = pair
+        self.full_pass_every = max(1, int(full_pass_every))
+        self._plan = None  # StepPlan of the current run when full_pass_every > 1
+        self._memory = DifferenceMemory()
         self.side = side
         self.schedule = schedule
         self.aligned_patcher = side.patcher if side.patcher is not None else pair.aligned
@@ -76,6 +80,8 @@ class RealignedCalcCondBatch:
         if self._run is None or self._run[0] is not sample_sigmas:
             base = aligned_model_options(self.aligned_patcher, sample_sigmas)
             self._run = (sample_sigmas, base, PercentOfSigma(model.model_sampling.percent_to_sigma))
+            self._memory.forget()
+            self._plan = StepPlan(self.full_pass_every, sample_sigmas) if self.full_pass_every > 1 else None
         return self._run
 
     def _aligned_options(self, base, options):
@@ -117,11 +123,23 @@ class RealignedCalcCondBatch:
             context = self._separate_model_sampling(model, aligned_model)
         else:  # shared weights: the reference's BaseModel with the update applied on the fly
             aligned_model, context = model, self.side.shared
+        plan = self._plan
+        if (plan is not None and not is_exactly(lam, 1.0) and not plan.is_full(sigma)
+                and self._memory.ready(x.shape, [True] * len(conds))):
+            side = cheaper_side(lam)
+            if side == "reference":
+                d_one = comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
+            else:
+                with context:
+                    d_one = comfy.samplers.calc_cond_batch(aligned_model, conds, x, sigma, aligned_options)
+            return self._memory.complete(d_one, side, lam)
         with context:
             d_al = comfy.samplers.calc_cond_batch(aligned_model, conds, x, sigma, aligned_options)
         if is_exactly(lam, 1.0):
             return d_al
         d_ref = comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
+        if plan is not None:
+            self._memory.remember(d_ref, d_al)
         return [None if r is None else mix(r, a, lam) for r, a in zip(d_ref, d_al)]
 
     # -- what a separate aligned model cannot take --------------------------------
@@ -144,7 +162,7 @@ class RealignedCalcCondBatch:
                         "both models before making the pair.", ", ".join(evaluation), self.pair.aligned_name)
 
 
-def realigned_model(pair, lam):
+def realigned_model(pair, lam, full_pass_every=1):
     schedule = as_schedule(lam)
     model = pair.reference.clone()
     if not schedule.uses_aligned:
@@ -159,7 +177,7 @@ def realigned_model(pair, lam):
                                     lambda patcher: aligned.pre_run())
         model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ALIGNED_KEY,
                                     lambda patcher: aligned.cleanup())
-    function = RealignedCalcCondBatch(pair, side, schedule, model)
+    function = RealignedCalcCondBatch(pair, side, schedule, model, full_pass_every)
     model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, ALIGNED_KEY + "_report",
                                 function.report_unshared)
     model.set_model_sampler_calc_cond_batch_function(function)

@@ -18,7 +18,7 @@ def ksampler_sigmas(model, steps, sampler_name, scheduler, denoise):
 
 
 def realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                       latent, denoise=1.0, callback=None):
+                       latent, denoise=1.0, callback=None, full_pass_every=1):
     """common_ksampler with a DeRaDiffGuider in place of the CFGGuider (``callback``: instead of its
     own progress bar and preview)."""
     reference = pair.reference
@@ -26,7 +26,7 @@ def realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, pos
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     sigmas = ksampler_sigmas(reference, steps, sampler_name, scheduler, denoise)
 
-    guider = DeRaDiffGuider(pair, lam, cfg)
+    guider = DeRaDiffGuider(pair, lam, cfg, full_pass_every)
     guider.set_conds(positive, negative)
     callback = callback or latent_preview.prepare_callback(reference, steps)
     samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,

@@ -20,6 +20,7 @@ import comfy.utils
 import latent_preview
 from comfy.k_diffusion import sampling as k_sampling
 
+from .difference_reuse import cheaper_side
 from .guider import DeRaDiffGuider
 from .mixing import check_lambda
 from .sampling import ksampler_sigmas
@@ -110,7 +111,7 @@ SEQUENTIAL_SAMPLERS = {"dpm_adaptive"}
 
 
 def lambda_sweep(pair, lambdas, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                 denoise=1.0, max_per_pass=0, callback=None):
+                 denoise=1.0, max_per_pass=0, callback=None, full_pass_every=1):
     """Returns a LATENT holding len(lambdas) x batch samples, λ-major. ``callback(step, x0, x, total)``
     replaces the sweep's own progress bar and preview (a caller that runs several sweeps under one bar)."""
     if sampler_name in SEQUENTIAL_SAMPLERS:
@@ -119,7 +120,8 @@ def lambda_sweep(pair, lambdas, seed, steps, cfg, sampler_name, scheduler, posit
                  "after another so each equals its own DeRaDiff KSampler run.", sampler_name, len(lambdas))
         runs = [realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                    latent, denoise, callback=None if callback is None else
-                                   _offset_callback(callback, i * steps, steps * len(lambdas)))
+                                   _offset_callback(callback, i * steps, steps * len(lambdas)),
+                                   full_pass_every=full_pass_every)
                 for i, lam in enumerate(lambdas)]
         out = dict(runs[0])
         out["samples"] = torch.cat([r["samples"] for r in runs])
@@ -134,17 +136,19 @@ def lambda_sweep(pair, lambdas, seed, steps, cfg, sampler_name, scheduler, posit
     sigmas = ksampler_sigmas(reference, steps, sampler_name, scheduler, denoise)
     mask = latent.get("noise_mask")
     per_pass = lambdas_per_pass(pair, latent_image.shape, positive, negative, len(lambdas), max_per_pass)
-    passes = [lambdas[i:i + per_pass] for i in range(0, len(lambdas), per_pass)]
+    passes = plan_passes(lambdas, per_pass, full_pass_every)
     if len(passes) > 1:
         log.info("DeRaDiff λ Sweep: %d λ in %d passes of up to %d (memory per pass: %d images per model call)",
                  len(lambdas), len(passes), per_pass, 2 * per_pass * group)
     progress = callback or latent_preview.prepare_callback(reference, steps * len(passes))
-    results = []
-    for index, chunk in enumerate(passes):
+    results = [None] * len(lambdas)
+    for index, (positions, chunk) in enumerate(passes):
         comfy.model_management.throw_exception_if_processing_interrupted()
         callback = _offset_callback(progress, index * steps, steps * len(passes))
-        results.append(_sweep_pass(pair, chunk, group, seed, cfg, sampler_name, positive, negative, noise,
-                                   latent_image, sigmas, mask, callback))
+        samples = _sweep_pass(pair, chunk, group, seed, cfg, sampler_name, positive, negative, noise,
+                              latent_image, sigmas, mask, callback, full_pass_every)
+        for position, part in zip(positions, samples.split(group)):
+            results[position] = part
     out = {k: v for k, v in latent.items() if k not in ("batch_index", "noise_mask")}
     out["samples"] = torch.cat(results).to(comfy.model_management.intermediate_device())
     if mask is not None:
@@ -152,15 +156,32 @@ def lambda_sweep(pair, lambdas, seed, steps, cfg, sampler_name, scheduler, posit
     return out
 
 
+def plan_passes(lambdas, per_pass, full_pass_every=1):
+    """The sweep's passes as (positions in ``lambdas``, λ values). With difference reuse the
+    steps between full ones run the reference for λ ≤ 0.5 and the aligned model above (the
+    side whose stale term is smaller); a batched pass runs one model for all its rows, so λ of
+    the two sides go to separate passes, and each λ still gets exactly its own KSampler run."""
+    indexed = list(enumerate(lambdas))
+    groups = [indexed]
+    if full_pass_every > 1:
+        groups = [[(i, v) for i, v in indexed if cheaper_side(v) == side] for side in ("reference", "aligned")]
+    passes = []
+    for members in groups:
+        for start in range(0, len(members), per_pass):
+            chunk = members[start:start + per_pass]
+            passes.append(([i for i, _ in chunk], [v for _, v in chunk]))
+    return passes
+
+
 def _sweep_pass(pair, lambdas, group, seed, cfg, sampler_name, positive, negative, noise, latent_image,
-                sigmas, mask, callback):
+                sigmas, mask, callback, full_pass_every=1):
     copies = len(lambdas)
     device = pair.reference.load_device
     template = torch.zeros_like(noise, dtype=torch.float32, device=device)
     sampler = batched_sampler(sampler_name, template, seed, sigmas.to(device), copies)
     if mask is not None and mask.shape[0] == group and group > 1:
         mask = _tile(mask, copies)
-    guider = DeRaDiffGuider(pair, PerSampleLambda(lambdas, group), cfg)
+    guider = DeRaDiffGuider(pair, PerSampleLambda(lambdas, group), cfg, full_pass_every)
     guider.set_conds(positive, negative)
     return guider.sample(_tile(noise, copies), _tile(latent_image, copies), sampler, sigmas,
                          denoise_mask=mask, callback=callback,

@@ -1,0 +1,114 @@
+"""Difference reuse: fewer than two model passes per step. Pure torch, no ComfyUI import.
+
+The two models' denoised predictions differ by Δ = D_aligned − D_reference, and Δ changes
+slowly along a trajectory. With ``full_pass_every = k`` both models run only on every k-th
+step (and wherever the plan below says so); in between ONE model runs and the last Δ
+completes the mix:
+
+    D = D_ref + λ·Δ_stale          (the reference ran; the stale term is weighted by λ)
+    D = D_al − (1 − λ)·Δ_stale     (the aligned model ran; weighted by 1 − λ)
+
+whichever weight is smaller, so the error a stale Δ makes is as small as it can be. k = 1
+is the exact method; no state is kept then.
+
+Which evaluations always run both models, and why:
+- the first step: there is no Δ yet;
+- evaluations at a noise level that is not one of the run's scheduled sigmas: the inner
+  evaluations of multi-evaluation samplers (dpmpp_2s_ancestral, dpm_2, dpmpp_sde, ...),
+  whose extrapolation amplifies an error in one evaluation;
+- the last ``final_full`` scheduled steps: at low noise Δ is the finest detail and changes
+  fastest per step, and these steps decide the output (see README, "Difference reuse",
+  for the alignment-world measurements behind the default).
+"""
+from __future__ import annotations
+
+import torch
+
+# The default number of final steps that always run both models (measured: README).
+FINAL_FULL_STEPS = 1
+
+
+def _as_float(sigma) -> float:
+    if isinstance(sigma, torch.Tensor):
+        return float(sigma.flatten()[0])
+    return float(sigma)
+
+
+class StepPlan:
+    """For one sampling run: which evaluations must run both models."""
+
+    def __init__(self, every: int, sigmas, final_full: int = FINAL_FULL_STEPS):
+        self.every = max(1, int(every))
+        self.sigmas = [] if sigmas is None else [_as_float(s) for s in torch.as_tensor(sigmas).flatten()]
+        self.final_full = max(0, int(final_full))
+        # steps are the intervals sigmas[i] -> sigmas[i+1]; the model is evaluated at sigmas[i]
+        self.steps = max(0, len(self.sigmas) - 1)
+
+    def step_index(self, sigma):
+        """i with sigmas[i] == sigma (relative tolerance for float rounding), else None."""
+        s = _as_float(sigma)
+        for i in range(self.steps):
+            if abs(self.sigmas[i] - s) <= 1e-6 * max(abs(s), 1e-12):
+                return i
+        return None
+
+    def is_full(self, sigma) -> bool:
+        if self.every == 1:
+            return True
+        i = self.step_index(sigma)
+        if i is None:
+            return True
+        return i % self.every == 0 or i >= self.steps - self.final_full
+
+    def full_steps(self) -> list:
+        """Scheduled step indices that run both models (for logs, tests and benchmarks)."""
+        return [i for i in range(self.steps) if self.is_full(self.sigmas[i])]
+
+
+def cheaper_side(lam) -> str:
+    """Which model to run on a reuse step: 'reference' when λ ≤ 1 − λ in size (the stale Δ is
+    then weighted by λ), else 'aligned' (weighted by 1 − λ). One λ per batch element: the side
+    whose largest stale weight over the batch is smaller."""
+    if isinstance(lam, torch.Tensor):
+        ref_weight, al_weight = float(lam.abs().max()), float((1 - lam).abs().max())
+    else:
+        ref_weight, al_weight = abs(lam), abs(1 - lam)
+    return "reference" if ref_weight <= al_weight else "aligned"
+
+
+def _weight(lam, like: torch.Tensor):
+    if isinstance(lam, torch.Tensor):
+        return lam.to(like).reshape((-1,) + (1,) * (like.ndim - 1))
+    return lam
+
+
+def complete(d_one: torch.Tensor, side: str, delta: torch.Tensor, lam) -> torch.Tensor:
+    """The mix from one model's prediction and a stale Δ (see module docstring)."""
+    w = _weight(lam, d_one)
+    if side == "reference":
+        return d_one + w * delta.to(d_one)
+    return d_one - (1 - w) * delta.to(d_one)
+
+
+class DifferenceMemory:
+    """The last Δ per output slot (the guider has one slot, Realign Model one per cond)."""
+
+    def __init__(self):
+        self.deltas = None
+
+    def forget(self):
+        self.deltas = None
+
+    def remember(self, d_refs, d_als):
+        self.deltas = [None if r is None or a is None else (a - r) for r, a in zip(d_refs, d_als)]
+
+    def ready(self, shape, present) -> bool:
+        """A stale Δ of ``shape`` exists for every slot that will produce an output
+        (``present``: one flag per slot; an uncond slot is absent under the cfg=1 shortcut)."""
+        if self.deltas is None or len(self.deltas) != len(present):
+            return False
+        return all(d is not None and tuple(d.shape) == tuple(shape)
+                   for d, wanted in zip(self.deltas, present) if wanted)
+
+    def complete(self, outputs, side, lam):
+        return [None if o is None else complete(o, side, d, lam) for o, d in zip(outputs, self.deltas)]
