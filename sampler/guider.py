@@ -13,6 +13,7 @@ import torch
 
 import logging
 
+import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.samplers
@@ -92,6 +93,34 @@ def warn_run_level_wrappers(aligned, reference, aligned_name):
                     aligned_name, ", ".join(missing))
 
 
+def _evaluation_options(patcher):
+    return (patcher.model_options, patcher.wrappers, patcher.callbacks)
+
+
+def can_fuse(pair, side) -> bool:
+    """Both models can run as ONE batch: the aligned side is the reference's own weights plus
+    LoRA updates applied in activation space, and the two MODELs' options (patches, wrappers,
+    callbacks) are the same, so a row of the batch differs from a reference row only by the
+    LoRA update that the fused pass adds to the aligned rows."""
+    from .options_delta import options_shape
+    from .shared_weights import equivalent_objects
+    shared = side.shared if side is not None else None
+    if shared is None or not shared.fusable:
+        return False
+    ref, al = _evaluation_options(pair.reference), _evaluation_options(pair.aligned)
+    return options_shape(ref) == options_shape(al) and equivalent_objects(ref, al)
+
+
+def fits_twice(patcher, noise_shape, device) -> bool:
+    """ComfyUI's own estimate says a batch twice the size (cond + uncond of both models) fits."""
+    try:
+        shape = [2 * noise_shape[0] * 2] + list(noise_shape[1:])
+        needed = patcher.model.memory_required(shape)
+        return needed * 1.5 < comfy.model_management.get_free_memory(device)
+    except Exception:  # no estimate: keep two passes
+        return False
+
+
 class DeRaDiffGuider(comfy.samplers.CFGGuider):
     def __init__(self, pair, lam, cfg: float, full_pass_every: int = 1):
         self.pair = pair
@@ -112,6 +141,7 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         self.prediction_observer = None
         self._plan = None  # StepPlan of the current run when full_pass_every > 1
         self._memory = DifferenceMemory()
+        self._fuse = False  # this run evaluates both models as one batch
         if self.aligned_side is not None:
             warn_run_level_wrappers(pair.aligned, pair.reference, pair.aligned_name)
 
@@ -128,11 +158,13 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
             shared = self.aligned_side.shared
             self._aligned_run = _AlignedRun(None, None, aligned_model_options(
                 self.pair.aligned, sigmas, device, self.model_patcher.model_dtype()), shared)
+            self._fuse = can_fuse(self.pair, self.aligned_side) and fits_twice(self.model_patcher, noise.shape, device)
             try:
                 return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
                                             callback, disable_pbar, seed, *args, **kwargs)
             finally:
                 self._aligned_run = None
+                self._fuse = False
         aligned = self.aligned_patcher
         aligned.pre_run()
         try:
@@ -167,13 +199,29 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
             plan = self._plan
             if plan is not None and not plan.is_full(timestep) and self._memory.ready(x.shape, [True]):
                 return self._one_model_and_stale_difference(run, x, timestep, model_options, lam, seed)
-            d_ref = super().predict_noise(x, timestep, model_options, seed)
-            d_al = self._denoise_aligned(run, x, timestep, model_options, [], seed)
+            both = self._fused_predictions(x, timestep, model_options, seed) if self._fuse else None
+            if both is not None:
+                d_ref, d_al = both
+            else:
+                d_ref = super().predict_noise(x, timestep, model_options, seed)
+                d_al = self._denoise_aligned(run, x, timestep, model_options, [], seed)
             if plan is not None:
                 self._memory.remember([d_ref], [d_al])
             self._observe(x, timestep, d_ref, d_al, lam)
             return mix(d_ref, d_al, lam)
         return self._mix_with_sampler_post_cfg(run, x, timestep, model_options, sampler_post_cfg, lam, seed)
+
+    def _fused_predictions(self, x, timestep, model_options, seed):
+        """Both models in one call: the batch is [x; x], the LoRA update reaches the second half."""
+        shared, b = self.aligned_side.shared, x.shape[0]
+        with shared.fused(2 * b, b):
+            d = super().predict_noise(torch.cat([x, x]), torch.cat([timestep, timestep]), model_options, seed)
+        if shared.fused_mismatch:
+            self._fuse = False
+            log.info("DeRaDiff: a LoRA layer of '%s' does not keep the batch in its first dimension; running "
+                     "the two models as two passes for the rest of this run.", self.pair.aligned_name)
+            return None
+        return d[:b], d[b:]
 
     def _one_model_and_stale_difference(self, run, x, timestep, model_options, lam, seed):
         side = cheaper_side(lam)

@@ -22,6 +22,7 @@ ComfyUI's memory management.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -170,8 +171,9 @@ class _LowRankHook:
     is switched on by SharedWeightDelta while a patcher's run is known to end with an
     ON_CLEANUP callback that calls ``release``); otherwise per call, keeping nothing."""
 
-    def __init__(self, module, terms):
+    def __init__(self, module, terms, owner=None):
         self.module, self.terms = module, terms
+        self.owner = owner  # the SharedWeightDelta: its ``rows`` says which rows are aligned
         self._cast = {}
         self.caching = False
 
@@ -187,15 +189,25 @@ class _LowRankHook:
     def release(self):
         self._cast.clear()
 
-    def __call__(self, module, args, output):
-        x = args[0]
+    def _update(self, module, x):
+        out = None
         for scale, up, down in self._weights(x.device, x.dtype):
             if down.ndim == 2:
-                output = output + scale * F.linear(F.linear(x, down), up)
+                term = scale * F.linear(F.linear(x, down), up)
             else:
                 h = F.conv2d(x, down, None, module.stride, module.padding, module.dilation)
-                output = output + scale * F.conv2d(h, up.reshape(up.shape[0], up.shape[1], 1, 1))
-        return output
+                term = scale * F.conv2d(h, up.reshape(up.shape[0], up.shape[1], 1, 1))
+            out = term if out is None else out + term
+        return out
+
+    def __call__(self, module, args, output):
+        x = args[0]
+        rows = None if self.owner is None else self.owner.aligned_rows(x)
+        if rows is None:  # an ordinary aligned pass: every row
+            return output + self._update(module, x)
+        if rows is False:  # fused pass, but this layer's rows are not the model's batch rows
+            return output
+        return output.index_add(0, rows, self._update(module, x.index_select(0, rows)).to(output.dtype))
 
 
 class _OutOfPlaceWeightPatch:
@@ -253,7 +265,7 @@ class SharedWeightDelta:
                 raise SharedWeightsUnavailable(f"no layer {module_path} in the reference") from None
             terms = _low_rank_terms(self.patches[key], module) if attr == "weight" else None
             if terms is not None:
-                self.low_rank.append((module, _LowRankHook(module, terms)))
+                self.low_rank.append((module, _LowRankHook(module, terms, self)))
                 continue
             slot = f"{attr}_function"
             if not hasattr(module, slot):
@@ -266,6 +278,48 @@ class SharedWeightDelta:
             self.weight_patches.append((module, slot, fn))
         self.model = model
         self._handles = []
+        self._fused = None  # (rows per chunk, first aligned row in a chunk) during a fused pass
+        self._batch = None  # the diffusion model's input batch size in the current fused call
+        self.fused_mismatch = False
+
+    # -- one batch for both models -----------------------------------------------------
+    @property
+    def fusable(self) -> bool:
+        """Every patched layer is a plain LoRA applied in activation space, so one batch can
+        carry both models: the update goes to the aligned rows only."""
+        return bool(self.low_rank) and not self.weight_patches
+
+    def aligned_rows(self, x):
+        """Row indices of ``x`` that belong to the aligned model in a fused pass; None outside
+        one; False when the layer's first dimension is not the model's batch (then the fused
+        result cannot be trusted: ``fused_mismatch`` is set and the caller runs two passes)."""
+        if self._fused is None:
+            return None
+        chunk, start = self._fused
+        n = x.shape[0] if x.ndim else 0
+        if self._batch is None or n != self._batch or n % chunk:
+            self.fused_mismatch = True
+            return False
+        index = torch.arange(n, device=x.device)
+        return index[(index % chunk) >= start]
+
+    def _remember_batch(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        self._batch = None if x is None else x.shape[0]
+
+    @contextlib.contextmanager
+    def fused(self, chunk: int, start: int):
+        """Within this context one model call evaluates both models: ComfyUI's batch is made of
+        chunks of ``chunk`` rows (one per cond), rows ``start``..``chunk`` of each being the
+        aligned copies of the input. Sets ``fused_mismatch`` if any LoRA layer saw other rows."""
+        self._fused, self._batch, self.fused_mismatch = (chunk, start), None, False
+        handle = self.model.diffusion_model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
+        try:
+            with self:
+                yield self
+        finally:
+            handle.remove()
+            self._fused = self._batch = None
 
     def _cache_for_this_run(self):
         """Let the LoRA hooks keep their device copies until the running patcher's cleanup."""
