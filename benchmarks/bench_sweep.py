@@ -1,8 +1,9 @@
 """λ Sweep in one batched pass vs. one DeRaDiff KSampler run per λ, side by side in one run.
 
     python benchmarks/bench_sweep.py [--lambdas "0,0.5,1,1.5,2"] [--size 128] [--steps 10] [--rounds 3] [--device cpu|cuda]
+                                     [--family sd15|sdxl|sd15_full|sdxl_full] [--dynamic-vram]
 
-Same pair (SD1.5 stand-ins), seed and settings; rounds alternate the two ways so machine drift
+Same pair (SD1.5 stand-ins unless --family), seed and settings; rounds alternate the two ways so machine drift
 hits both. Prints the median wall time of each and the speed-up, and checks that both give the
 same latents.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_sampling import setup  # noqa: E402
+from bench_sampling import load_models, setup  # noqa: E402
 
 
 def main():
@@ -27,14 +28,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sampler", default="euler_ancestral")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--family", choices=["sd15", "sdxl", "sd15_full", "sdxl_full"], default="sd15")
+    ap.add_argument("--dynamic-vram", action="store_true")
     args = ap.parse_args()
-    pack = setup(args.device)
+    pack = setup(args.device, args.dynamic_vram, args.family)
     import torch
     import comfy.utils
     import comfy_helpers as h
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    ref, clip, _ = h.load_checkpoint("sd15_reference.safetensors")
-    aligned = h.load_checkpoint("sd15_aligned.safetensors")[0]
+    ref, aligned, _, clip = load_models(args.family, h)
     pair = pack.nodes.DeRaDiffMakePair().make(ref, aligned)[0]
     pos, neg = h.encode(clip, "a red fox"), h.encode(clip, "blurry")
     latent = h.empty_latent(args.size, args.size)
@@ -61,8 +63,16 @@ def main():
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
     tb, ts = statistics.median(times["batched sweep"]), statistics.median(times["separate runs"])
-    print(f"λ sweep {lambdas} on SD1.5 stand-ins, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, "
-          f"{args.rounds} rounds, {args.device}{' (CPU-only figures)' if args.device == 'cpu' else ''}")
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        batched()
+        torch.cuda.synchronize()
+        peak = f", sweep peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    else:
+        peak = ""
+    print(f"λ sweep {lambdas} on {args.family} stand-ins, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, "
+          f"{args.rounds} rounds, {args.device}{' (CPU-only figures)' if args.device == 'cpu' else ''}"
+          f"{', Dynamic VRAM on' if args.dynamic_vram else ''}{peak}")
     print(f"batched sweep: {tb:.2f} s   separate runs: {ts:.2f} s   speed-up: {ts / tb:.2f}x   "
           f"max relative difference of the latents: {err:.1e}")
 
