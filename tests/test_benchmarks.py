@@ -17,9 +17,21 @@ def run(*args):
 
 def test_bench_sampling_prints_ratios(comfy_root):
     text = run("benchmarks/bench_sampling.py", "--size", "64", "--steps", "2", "--repeats", "1")
-    rows = dict(re.findall(r"^(KSampler \(reference only\)|DeRaDiff λ=[\d.]+)\s+[\d.]+\s+([\d.]+)\s+\d+$", text, re.M))
-    assert set(rows) == {"KSampler (reference only)", "DeRaDiff λ=0", "DeRaDiff λ=1", "DeRaDiff λ=0.5"}
-    assert float(rows["KSampler (reference only)"]) == 1.0 and float(rows["DeRaDiff λ=0.5"]) > 0
+    rows = dict(re.findall(r"^(\S.*?)\s+[\d.]+\s+([\d.]+)\s+\d+$", text, re.M))
+    assert set(rows) == {"KSampler (reference only)", "DeRaDiff λ=0", "DeRaDiff λ=1", "DeRaDiff λ=0.5",
+                         "schedule 0 then 1", "schedule 0.5 then 1", "λ=0.5 full_pass_every=2",
+                         "λ=0.5 full_pass_every=3", "LoRA pair λ=0.5 fused", "LoRA pair λ=0.5 two passes"}
+    assert float(rows["KSampler (reference only)"]) == 1.0 and all(float(v) > 0 for v in rows.values())
+
+
+def test_bench_gpu_smoke_run_on_the_cpu(comfy_root, tmp_path):
+    """The one-command GPU benchmark, in its --quick form on the CPU: every section runs."""
+    out = tmp_path / "gpu.md"
+    run("benchmarks/bench_gpu.py", "--device", "cpu", "--quick", "--families", "sd15", "--out", str(out))
+    report = out.read_text()
+    assert "failed" not in report, report
+    assert "λ=0.5 full_pass_every=3" in report and "LoRA pair λ=0.5 fused" in report
+    assert re.search(r"speed-up: [\d.]+x", report) and "0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0" in report
 
 
 def test_bench_sweep_checks_equality(comfy_root):
