@@ -111,11 +111,11 @@ def can_fuse(pair, side) -> bool:
     return options_shape(ref) == options_shape(al) and equivalent_objects(ref, al)
 
 
-def fits_twice(patcher, noise_shape, device) -> bool:
+def fits_twice(model, noise_shape, device) -> bool:
     """ComfyUI's own estimate says a batch twice the size (cond + uncond of both models) fits."""
     try:
         shape = [2 * noise_shape[0] * 2] + list(noise_shape[1:])
-        needed = patcher.model.memory_required(shape)
+        needed = model.memory_required(shape)
         return needed * 1.5 < comfy.model_management.get_free_memory(device)
     except Exception:  # no estimate: keep two passes
         return False
@@ -158,7 +158,7 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
             shared = self.aligned_side.shared
             self._aligned_run = _AlignedRun(None, None, aligned_model_options(
                 self.pair.aligned, sigmas, device, self.model_patcher.model_dtype()), shared)
-            self._fuse = can_fuse(self.pair, self.aligned_side) and fits_twice(self.model_patcher, noise.shape, device)
+            self._fuse = can_fuse(self.pair, self.aligned_side) and fits_twice(self.model_patcher.model, noise.shape, device)
             try:
                 return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
                                             callback, disable_pbar, seed, *args, **kwargs)

@@ -23,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import torch
+
 import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
 
 from .difference_reuse import DifferenceMemory, StepPlan, cheaper_side
-from .guider import ALIGNED_KEY, aligned_model_options, is_exactly, mix, warn_run_level_wrappers
+from .guider import ALIGNED_KEY, aligned_model_options, can_fuse, fits_twice, is_exactly, mix, warn_run_level_wrappers
 from .options_delta import added_since, merged, options_shape, select
 from .schedules import PercentOfSigma, as_schedule
 
@@ -60,6 +62,8 @@ class RealignedCalcCondBatch:
         self.full_pass_every = max(1, int(full_pass_every))
         self._plan = None  # StepPlan of the current run when full_pass_every > 1
         self._memory = DifferenceMemory()
+        self._fusable = can_fuse(pair, side)  # both models as one batch (reference + LoRA pair)
+        self._fuse = None  # decided per run, from the memory estimate
         self.side = side
         self.schedule = schedule
         self.aligned_patcher = side.patcher if side.patcher is not None else pair.aligned
@@ -81,6 +85,7 @@ class RealignedCalcCondBatch:
             base = aligned_model_options(self.aligned_patcher, sample_sigmas)
             self._run = (sample_sigmas, base, PercentOfSigma(model.model_sampling.percent_to_sigma))
             self._memory.forget()
+            self._fuse = None
             self._plan = StepPlan(self.full_pass_every, sample_sigmas) if self.full_pass_every > 1 else None
         return self._run
 
@@ -133,14 +138,35 @@ class RealignedCalcCondBatch:
                 with context:
                     d_one = comfy.samplers.calc_cond_batch(aligned_model, conds, x, sigma, aligned_options)
             return self._memory.complete(d_one, side, lam)
-        with context:
-            d_al = comfy.samplers.calc_cond_batch(aligned_model, conds, x, sigma, aligned_options)
-        if is_exactly(lam, 1.0):
-            return d_al
-        d_ref = comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
+        both = None
+        if self._fusable and not is_exactly(lam, 1.0):
+            if self._fuse is None:
+                self._fuse = fits_twice(model, x.shape, x.device)
+            if self._fuse:
+                both = self._fused(model, conds, x, sigma, options)
+        if both is not None:
+            d_ref, d_al = both
+        else:
+            with context:
+                d_al = comfy.samplers.calc_cond_batch(aligned_model, conds, x, sigma, aligned_options)
+            if is_exactly(lam, 1.0):
+                return d_al
+            d_ref = comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
         if plan is not None:
             self._memory.remember(d_ref, d_al)
         return [None if r is None else mix(r, a, lam) for r, a in zip(d_ref, d_al)]
+
+    def _fused(self, model, conds, x, sigma, options):
+        """Both models in one call on [x; x]; the LoRA update reaches the second half."""
+        shared, b = self.side.shared, x.shape[0]
+        with shared.fused(2 * b, b):
+            out = comfy.samplers.calc_cond_batch(model, conds, torch.cat([x, x]), torch.cat([sigma, sigma]), options)
+        if shared.fused_mismatch:
+            self._fuse = False
+            log.info("DeRaDiff Realign Model: a LoRA layer of '%s' does not keep the batch in its first "
+                     "dimension; two passes for the rest of this run.", self.pair.aligned_name)
+            return None
+        return [o[:b] for o in out], [o[b:] for o in out]
 
     # -- what a separate aligned model cannot take --------------------------------
     def report_unshared(self, patcher):

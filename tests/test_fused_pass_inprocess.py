@@ -98,3 +98,22 @@ def test_fused_lora_pair_matches_a_separately_merged_copy(sd15, comfy):
     # the reference alone is untouched afterwards
     before = ksampler(independent, sd15["latent"], sd15["pos"], sd15["neg"])
     assert_bit_identical(ksampler(sd15["ref"], sd15["latent"], sd15["pos"], sd15["neg"]), before)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_realign_model_fuses_the_lora_pair_too(sd15, monkeypatch, every):
+    pair = sd15["pack"].nodes.DeRaDiffMakePair().make(sd15["ref"], sd15["lora"], 0.0)[0]
+
+    def sample():
+        model = sd15["pack"].nodes.DeRaDiffRealignModel().realign(pair, **{"lambda": 0.7, "full_pass_every": every})[0]
+        return ksampler(model, sd15["latent"], sd15["pos"], sd15["neg"], seed=3, steps=STEPS, sampler="euler_ancestral")
+
+    with count_unet_calls(sd15["ref"]) as fused_calls:
+        fused = sample()
+    from comfyui_deradiff.sampler import realign_model
+    monkeypatch.setattr(realign_model, "can_fuse", lambda pair, side: False)
+    with count_unet_calls(sd15["ref"]) as separate_calls:
+        separate = sample()
+    # every=2 with 4 steps: steps 0, 2 and 3 run both models, step 1 one model
+    assert fused_calls[0] == STEPS and separate_calls[0] == (2 * STEPS if every == 1 else STEPS + 3)
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5 * float(separate.abs().max()))
