@@ -182,6 +182,15 @@ app.registerExtension({
   name: "DeRaDiff.EmulatedBeta",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const name = nodeData.name;
+    if (nodeData.input?.optional?.full_pass_every) {
+      // Workflows saved before full_pass_every existed hold the info box's value where it now sits
+      // (widgets load by position): such a value is not a step count, so it becomes the default.
+      chain(nodeType.prototype, "onConfigure", function () {
+        const w = widget(this, "full_pass_every");
+        const v = Number(w?.value);
+        if (w && (w.value === "" || w.value == null || !Number.isInteger(v) || v < 1)) w.value = 1;
+      });
+    }
     const relevant = SAMPLER_NODES.has(name) || PAIR_NODES.has(name) || name === SCHEDULE_NODE || name === GRID_NODE
       || TEXT_NODES.has(name);
     if (!relevant) return;

@@ -678,3 +678,35 @@ def test_templates_browser_lists_and_loads_the_examples(ui, server):
     assert types == sorted(n["type"] for n in data["nodes"])
     assert_no_alerts(page, "when a template was loaded")
     assert console.errors() == [], console.errors()
+
+
+def test_workflow_saved_before_full_pass_every_loads_with_its_default(ui, server, object_info):
+    """Saved workflows hold widget values by position; one saved before the optional
+    full_pass_every existed has the info box's value where full_pass_every now sits. It must load
+    with full_pass_every = 1 (the exact method) and send a valid prompt."""
+    page, console = ui
+    console.mark()
+    page.evaluate(CLOSE_ALERTS_JS, DIALOG)
+    name = "deradiff_sd15_dpo"
+    data = json.loads((EXAMPLES / f"{name}.json").read_text())
+    old = json.loads(json.dumps(data))
+    sampler = node_of(old, "DeRaDiffKSampler")[0]
+    order = [n for n in object_info["DeRaDiffKSampler"]["input_order"]["required"]] + \
+        object_info["DeRaDiffKSampler"]["input_order"].get("optional", [])
+    assert order[-1] == "full_pass_every"
+    # what the 0.3.x pack saved: the widget values without full_pass_every (the info box's "" last)
+    assert sampler["widgets_values"][-2:] == [1, ""]
+    del sampler["widgets_values"][-2]
+    sampler["inputs"] = [i for i in sampler["inputs"] if i["name"] != "full_pass_every"]
+    page.evaluate(DROP_JS, [name + "_old", json.dumps(old)])
+    page.wait_for_timeout(500)
+    state = page.evaluate(STATE_JS)
+    got = next(n for n in state["nodes"] if n["type"] == "DeRaDiffKSampler")
+    widgets = {w["name"]: w["value"] for w in got["widgets"]}
+    assert widgets["full_pass_every"] == 1 and widgets["lambda"] == sampler["widgets_values"][0], widgets
+    assert got["info"], "the info line under λ is still drawn"
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    inputs = next(v["inputs"] for v in prompt.values() if v["class_type"] == "DeRaDiffKSampler")
+    assert inputs.get("full_pass_every", 1) == 1 and inputs["denoise"] == 1
+    assert not prompt_problems(prompt, object_info)
+    assert console.errors() == [], console.errors()
