@@ -18,6 +18,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.samplers
 
+from . import difference_reuse
 from .difference_reuse import DifferenceMemory, StepPlan, cheaper_side
 from .mixing import mix_equal_variance, mix_per_sample
 from .schedules import PercentOfSigma, as_schedule
@@ -93,6 +94,13 @@ def warn_run_level_wrappers(aligned, reference, aligned_name):
                     aligned_name, ", ".join(missing))
 
 
+def stale_rescale_for(model_sampling):
+    """How a stale difference is carried to the current sigma, for this model's noise schedule."""
+    import comfy.model_sampling
+    flow = isinstance(model_sampling, comfy.model_sampling.CONST)
+    return difference_reuse.stale_rescale(float(getattr(model_sampling, "sigma_data", 1.0)), flow)
+
+
 def _evaluation_options(patcher):
     return (patcher.model_options, patcher.wrappers, patcher.callbacks)
 
@@ -150,6 +158,7 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
                      disable_pbar, seed, *args, **kwargs):
         self._percent_of = PercentOfSigma(self.inner_model.model_sampling.percent_to_sigma)
         self._memory.forget()
+        self._memory.rescale = stale_rescale_for(self.inner_model.model_sampling)
         self._plan = StepPlan(self.full_pass_every, sigmas) if self.full_pass_every > 1 else None
         if self.aligned_side is None:
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
@@ -206,7 +215,7 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
                 d_ref = super().predict_noise(x, timestep, model_options, seed)
                 d_al = self._denoise_aligned(run, x, timestep, model_options, [], seed)
             if plan is not None:
-                self._memory.remember([d_ref], [d_al])
+                self._memory.remember([d_ref], [d_al], timestep)
             self._observe(x, timestep, d_ref, d_al, lam)
             return mix(d_ref, d_al, lam)
         return self._mix_with_sampler_post_cfg(run, x, timestep, model_options, sampler_post_cfg, lam, seed)
@@ -229,7 +238,7 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
             d_one = super().predict_noise(x, timestep, model_options, seed)
         else:
             d_one = self._denoise_aligned(run, x, timestep, model_options, [], seed)
-        return self._memory.complete([d_one], side, lam)[0]
+        return self._memory.complete([d_one], side, lam, timestep)[0]
 
     def _observe(self, x, timestep, d_ref, d_al, lam):
         if self.prediction_observer is not None:

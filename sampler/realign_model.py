@@ -30,7 +30,7 @@ import comfy.samplers
 import comfy.utils
 
 from .difference_reuse import DifferenceMemory, StepPlan, cheaper_side
-from .guider import ALIGNED_KEY, aligned_model_options, can_fuse, fits_twice, is_exactly, mix, warn_run_level_wrappers
+from .guider import ALIGNED_KEY, aligned_model_options, can_fuse, fits_twice, stale_rescale_for, is_exactly, mix, warn_run_level_wrappers
 from .options_delta import added_since, merged, options_shape, select
 from .schedules import PercentOfSigma, as_schedule
 
@@ -85,6 +85,7 @@ class RealignedCalcCondBatch:
             base = aligned_model_options(self.aligned_patcher, sample_sigmas)
             self._run = (sample_sigmas, base, PercentOfSigma(model.model_sampling.percent_to_sigma))
             self._memory.forget()
+            self._memory.rescale = stale_rescale_for(model.model_sampling)
             self._fuse = None
             self._plan = StepPlan(self.full_pass_every, sample_sigmas) if self.full_pass_every > 1 else None
         return self._run
@@ -137,7 +138,7 @@ class RealignedCalcCondBatch:
             else:
                 with context:
                     d_one = comfy.samplers.calc_cond_batch(aligned_model, conds, x, sigma, aligned_options)
-            return self._memory.complete(d_one, side, lam)
+            return self._memory.complete(d_one, side, lam, sigma)
         both = None
         if self._fusable and not is_exactly(lam, 1.0):
             if self._fuse is None:
@@ -153,7 +154,7 @@ class RealignedCalcCondBatch:
                 return d_al
             d_ref = comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
         if plan is not None:
-            self._memory.remember(d_ref, d_al)
+            self._memory.remember(d_ref, d_al, sigma)
         return [None if r is None else mix(r, a, lam) for r, a in zip(d_ref, d_al)]
 
     def _fused(self, model, conds, x, sigma, options):

@@ -76,6 +76,32 @@ def test_per_sample_lambda_completion():
     torch.testing.assert_close(got, torch.lerp(d_ref, d_al, lams.reshape(-1, 1, 1)))
 
 
+@pytest.mark.parametrize("flow", [False, True])
+def test_prior_weight_is_how_two_gaussian_models_difference_shrinks(flow):
+    """Two Gaussian data models N(μ₁, s²), N(μ₂, s²): the exact difference of their denoised
+    predictions at the same x changes between noise levels by prior_weight's ratio."""
+    s, mu1, mu2 = 0.8, 0.3, -1.1
+    x = torch.tensor(0.7, dtype=torch.float64)
+
+    def denoised(mu, sigma):
+        a = (1 - sigma) if flow else 1.0  # x = a·x0 + σ·ε
+        return mu + a * s * s / (a * a * s * s + sigma * sigma) * (x - a * mu)
+
+    for hi, lo in [(0.9, 0.4), (0.6, 0.05)] if flow else [(14.6, 3.0), (2.0, 0.1)]:
+        ratio = (denoised(mu2, lo) - denoised(mu1, lo)) / (denoised(mu2, hi) - denoised(mu1, hi))
+        expected = dr.prior_weight(lo, s, flow) / dr.prior_weight(hi, s, flow)
+        assert float(ratio) == pytest.approx(expected, rel=1e-9)
+
+
+def test_memory_carries_the_stale_difference_with_its_rescale():
+    memory = dr.DifferenceMemory(rescale=lambda s: s * s / (s * s + 1))
+    memory.remember([torch.zeros(1, 2)], [torch.ones(1, 2)], sigma=torch.tensor([3.0]))
+    f = (1 / 2) / (9 / 10)  # c(1) / c(3)
+    torch.testing.assert_close(memory.complete([torch.zeros(1, 2)], "reference", 0.5, sigma=1.0)[0],
+                               torch.full((1, 2), 0.5 * f))
+    assert memory.factor(None) == 1.0 and dr.DifferenceMemory().factor(1.0) == 1.0
+
+
 def test_memory_is_ready_only_for_matching_shapes_and_slots():
     memory = dr.DifferenceMemory()
     assert not memory.ready((1, 4), [True])

@@ -80,17 +80,19 @@ def test_each_evaluation_is_one_model_plus_the_stale_difference(sd15, monkeypatc
     for name, sigma, d in seen:
         by_sigma.setdefault(sigma, {})[name] = d
     assert len(outputs) == STEPS and calls[0] + calls[1] == STEPS + len(full)
-    delta = None
+    delta = full_sigma = None
+    prior = lambda s: s * s / (s * s + 1.0)  # noqa: E731  SD1.5 (eps, sigma_data 1): Gaussian prior weight
     for i, (sigma, out) in enumerate(outputs):
         assert sigma == pytest.approx(sigmas[i], rel=1e-6)
         ran = by_sigma[sigma]
         if i in full:
             assert set(ran) == {"ref", "al"}
             expected = torch.lerp(ran["ref"], ran["al"], lam)
-            delta = ran["al"] - ran["ref"]
+            delta, full_sigma = ran["al"] - ran["ref"], sigma
         else:
             assert set(ran) == {one_side}, (i, set(ran))
-            expected = ran["ref"] + lam * delta if one_side == "ref" else ran["al"] - (1 - lam) * delta
+            carried = delta * (prior(sigma) / prior(full_sigma))  # the stale Δ carried to this sigma
+            expected = ran["ref"] + lam * carried if one_side == "ref" else ran["al"] - (1 - lam) * carried
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
