@@ -225,8 +225,10 @@ def build_prompt(rng: random.Random, seed: int, pairs, make_pair_rate=0.2) -> tu
 
 def mutate(rng: random.Random, g: Graph, object_info: dict) -> str:
     """One random change to ``g``; returns a description."""
-    pack_ids = [n for n, v in g.items() if v["class_type"] in PACK_NODES]
-    targets = pack_ids * 4 + [n for n, v in g.items() if v["class_type"] == "EmptyLatentImage"]
+    pack_ids = [n for n, v in g.items() if v.get("class_type") in PACK_NODES]
+    targets = pack_ids * 4 + [n for n, v in g.items() if v.get("class_type") == "EmptyLatentImage"]
+    if not targets:  # earlier mutations removed every node's class
+        return "nothing left to mutate"
     node_id = rng.choice(targets)
     node = g[node_id]
     info = object_info.get(node["class_type"], {}).get("input", {})
