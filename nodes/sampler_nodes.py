@@ -4,6 +4,7 @@ import logging
 
 from ..sampler.guider import DeRaDiffGuider
 from ..sampler.sampling import realigned_ksampler
+from .particle_inputs import PARTICLES_INPUT, RESAMPLE_ESS_INPUT, check_particles
 from .common import (CATEGORY, FULL_PASS_INPUT, LAMBDA_INPUT, check_full_pass_every, PAIR_INPUT, SCHEDULE_INPUT, check_number, check_pair,
                      check_sampler_inputs, check_sampling_numbers, emulated_beta_text, lambda_or_schedule, sampler_inputs)
 
@@ -39,7 +40,8 @@ class DeRaDiffKSampler:
                 "lambda": LAMBDA_INPUT,
                 **sampler_inputs(),
             },
-            "optional": {"lambda_schedule": SCHEDULE_INPUT, "full_pass_every": FULL_PASS_INPUT},
+            "optional": {"lambda_schedule": SCHEDULE_INPUT, "full_pass_every": FULL_PASS_INPUT,
+                         "particles": PARTICLES_INPUT, "resample_ess": RESAMPLE_ESS_INPUT},
         }
 
     def sample(self, pair, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
@@ -51,6 +53,14 @@ class DeRaDiffKSampler:
         every = check_full_pass_every(self.NODE, kwargs.get("full_pass_every", 1))
         text = _ui_text(pair, lam, schedule_text)
         log.info("DeRaDiff KSampler: %s", text)
+        particles, resample_below = check_particles(self.NODE, kwargs, every)
+        if particles > 1:
+            from ..sampler.particle_sampler import particle_ksampler
+            out, state = particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                           latent_image, denoise, particles, resample_below, self.NODE)
+            ui = _ui(text, schedule_text)
+            ui["deradiff_particles"] = [state.summary_text()]
+            return {"ui": ui, "result": (out,)}
         out = realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                  latent_image, denoise, full_pass_every=every)
         return {"ui": _ui(text, schedule_text), "result": (out,)}
@@ -76,7 +86,8 @@ class DeRaDiffGuiderNode:
                                   "tooltip": "Classifier-free guidance scale, applied to each model separately."}),
                 "lambda": LAMBDA_INPUT,
             },
-            "optional": {"lambda_schedule": SCHEDULE_INPUT, "full_pass_every": FULL_PASS_INPUT},
+            "optional": {"lambda_schedule": SCHEDULE_INPUT, "full_pass_every": FULL_PASS_INPUT,
+                         "particles": PARTICLES_INPUT, "resample_ess": RESAMPLE_ESS_INPUT},
         }
 
     def get_guider(self, pair, positive, negative, cfg, **kwargs):
@@ -85,6 +96,15 @@ class DeRaDiffGuiderNode:
         cfg = check_number(self.NODE, "cfg", cfg)
         check_sampler_inputs(self.NODE, positive, negative)
         every = check_full_pass_every(self.NODE, kwargs.get("full_pass_every", 1))
-        guider = DeRaDiffGuider(pair, lam, cfg, every)
+        particles, resample_below = check_particles(self.NODE, kwargs, every)
+        if particles > 1:  # the particle loop replaces the SAMPLER given to SamplerCustomAdvanced at run time
+            from ..sampler.particle_sampler import ParticleGuider
+            guider = ParticleGuider(pair, lam, cfg, particles, resample_below, self.NODE)
+        else:
+            guider = DeRaDiffGuider(pair, lam, cfg, every)
         guider.set_conds(positive, negative)
-        return {"ui": _ui(_ui_text(pair, lam, schedule_text), schedule_text), "result": (guider,)}
+        ui = _ui(_ui_text(pair, lam, schedule_text), schedule_text)
+        if particles > 1:
+            ui["deradiff_particles"] = [f"{particles} particles per image (needs an euler_ancestral or ddpm "
+                                        "SAMPLER); ESS in the log"]
+        return {"ui": ui, "result": (guider,)}

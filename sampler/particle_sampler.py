@@ -1,0 +1,214 @@
+"""Particle realignment inside ComfyUI: the sampler loops and the guider that runs N particles per image.
+
+The math (log Z_t, ESS, resampling, the output draw) is in ``particles.py``. Here:
+
+- ``particle_loop``: ComfyUI's own ``euler_ancestral`` / ``ddpm`` step, line for line (the same
+  k-diffusion helpers, same noise sampler, same order), plus a weight step: after the model call
+  at x_t it reads both models' predictions from the DeRaDiffGuider's ``prediction_observer``,
+  adds log Z_t to the weights and resamples x_t (and its denoised prediction) when the ESS is low,
+  before the step is taken. Run as a ``comfy.samplers.KSAMPLER``, so noise scaling, inpainting,
+  the progress bar, previews and cancel work as for any sampler.
+- ``ParticleGuider``: a DeRaDiffGuider whose ``sample`` runs N particles per latent (batch N·B,
+  particle-major), swaps the SAMPLER it is given for the particle loop of the same kernel (eta,
+  s_noise kept) and returns one latent per image, drawn with the final weights.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+from comfy.k_diffusion import sampling as kds
+
+from .guider import DeRaDiffGuider
+from .particles import GAINS, ParticleState, gather_particles, log_normaliser, pick
+
+log = logging.getLogger("DeRaDiff")
+
+STOCHASTIC = ("euler_ancestral", "ddpm")
+_FUNCTIONS = {"sample_euler_ancestral": "euler_ancestral", "sample_ddpm": "ddpm"}
+
+
+class ParticleModeError(ValueError):
+    """Particle mode refused, reported with the node and input (same wording as nodes/common.py)."""
+
+    def __init__(self, node: str, input_name: str, message: str):
+        super().__init__(f"{node}: input '{input_name}': {message}")
+
+
+def refuse_sampler(node: str, sampler_name: str, input_name: str = "sampler_name"):
+    raise ParticleModeError(node, input_name, (
+        f"particles > 1 needs a stochastic sampler whose step adds fresh noise ({', '.join(STOCHASTIC)}); "
+        f"'{sampler_name}' is not one of them. The particle weight is the normaliser of the two models' "
+        "noisy reverse kernels; a deterministic step has none, so there is nothing to weight. Choose "
+        "euler_ancestral or ddpm, or set particles to 1."))
+
+
+def kernel_of(sampler):
+    """('euler_ancestral' | 'ddpm', extra options) for a SAMPLER ComfyUI made for those kernels, else None."""
+    fn = getattr(sampler, "sampler_function", None)
+    name = getattr(fn, "__name__", None)
+    if fn is None or name not in _FUNCTIONS or getattr(kds, name, None) is not fn:
+        return None
+    return _FUNCTIONS[name], dict(getattr(sampler, "extra_options", {}) or {})
+
+
+def _scalar(lam):
+    if isinstance(lam, torch.Tensor):
+        if lam.numel() != 1 and not bool((lam == lam.reshape(-1)[0]).all()):
+            raise ValueError("particle mode takes one λ per step (not a per-latent λ sweep)")
+        return float(lam.reshape(-1)[0])
+    return float(lam)
+
+
+@torch.no_grad()
+def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None, *, kernel, state,
+                  node="DeRaDiff KSampler", eta=1.0, s_noise=1.0, noise_sampler=None):
+    extra_args = {} if extra_args is None else extra_args
+    guider = model.inner_model
+    if not hasattr(guider, "prediction_observer"):
+        raise ParticleModeError(node, "particles", "particle mode needs the DeRaDiff guider")
+    import comfy.model_sampling
+    if isinstance(guider.inner_model.model_sampling, comfy.model_sampling.CONST):
+        raise ParticleModeError(node, "particles", "particle mode supports eps/v-prediction models (SD1.5, "
+                                "SDXL); flow-matching models use another ancestral step, not implemented")
+    seed = extra_args.get("seed", None)
+    noise_sampler = kds.default_noise_sampler(x, seed=seed) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    seen = []
+    previous = guider.prediction_observer
+    guider.prediction_observer = lambda _x, _sigma, d_ref, d_al, lam: seen.append((d_ref, d_al, lam))
+    n, site_dims = state.particles, state.site_dims
+    try:
+        for i in kds.trange(len(sigmas) - 1, disable=disable):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            seen.clear()
+            denoised = model(x, sigmas[i] * s_in, **extra_args)
+            sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+            if kernel == "euler_ancestral":
+                sigma_down, sigma_up = kds.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+                gain = GAINS[kernel](sigma, sigma_next, eta, s_noise)
+            else:
+                gain = GAINS[kernel](sigma, sigma_next)
+            if seen and gain > 0 and state.in_window(sigma):
+                d_ref, d_al, lam = seen[-1]
+                lam = _scalar(lam)
+                if lam * (1.0 - lam) != 0.0:
+                    inc = log_normaliser(d_ref, d_al, lam, gain, n, site_dims, extra_args.get("denoise_mask"))
+                    ancestors = state.update(inc, sigma)
+                    if ancestors is not None:
+                        x = gather_particles(x, ancestors, site_dims)
+                        denoised = gather_particles(denoised, ancestors, site_dims)
+            if callback is not None:
+                callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+            if kernel == "euler_ancestral":  # ComfyUI's sample_euler_ancestral step
+                if sigma_down == 0:
+                    x = denoised
+                else:
+                    d = kds.to_d(x, sigmas[i], denoised)
+                    dt = sigma_down - sigmas[i]
+                    x = x + d * dt + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+            else:  # ComfyUI's generic_step_sampler with DDPMSampler_step
+                x = kds.DDPMSampler_step(x / torch.sqrt(1.0 + sigmas[i] ** 2.0), sigmas[i], sigmas[i + 1],
+                                         (x - denoised) / sigmas[i], noise_sampler)
+                if sigmas[i + 1] != 0:
+                    x *= torch.sqrt(1.0 + sigmas[i + 1] ** 2.0)
+    finally:
+        guider.prediction_observer = previous
+    return x
+
+
+def particle_sampler(kernel: str, state: ParticleState, node: str, extra_options=None, inpaint_options=None):
+    """A KSAMPLER running ``particle_loop`` for ``kernel`` with this run's particle state."""
+    def loop(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        return particle_loop(model, x, sigmas, extra_args, callback, disable, kernel=kernel, state=state,
+                             node=node, **options)
+    loop.__name__ = f"particle_{kernel}"
+    return comfy.samplers.KSAMPLER(loop, dict(extra_options or {}), dict(inpaint_options or {}))
+
+
+def expand_noise(noise: torch.Tensor, particles: int, seed) -> torch.Tensor:
+    """Noise for N·B latents: the given B first (particle 0 starts where plain DeRaDiff starts), the
+    rest continue the same seeded stream (what ComfyUI's prepare_noise would draw for an N·B batch).
+    All-zero noise (no noise added) stays zero."""
+    b = noise.shape[0]
+    if not bool(noise.any()):
+        return noise.repeat(particles, *([1] * (noise.dim() - 1)))
+    generator = torch.manual_seed(int(seed or 0))
+    full = torch.randn((particles * b,) + tuple(noise.shape[1:]), dtype=noise.dtype, generator=generator,
+                       device="cpu")
+    return torch.cat([noise, full[b:].to(noise.device)])
+
+
+def _repeat(t, particles, batch):
+    if t is None or t.dim() == 0 or t.shape[0] != batch:
+        return t
+    return t.repeat(particles, *([1] * (t.dim() - 1)))
+
+
+class ParticleGuider(DeRaDiffGuider):
+    """DeRaDiffGuider running N particles per image (see the module docstring)."""
+
+    def __init__(self, pair, lam, cfg, particles: int, resample_below: float = 0.5, node: str = "DeRaDiff KSampler",
+                 full_pass_every: int = 1, site_dims: int = 0, window=None, temper: float = 1.0):
+        if int(full_pass_every) != 1:
+            raise ParticleModeError(node, "particles", "particles > 1 needs both models at every step "
+                                    "(full_pass_every = 1): the weights are built from both predictions")
+        super().__init__(pair, lam, cfg, 1)
+        self.particles = int(particles)
+        self.resample_below = float(resample_below)
+        self.node = node
+        self.site_dims, self.window, self.temper = site_dims, window, temper
+        self.state = None
+
+    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+               seed=None, *args, **kwargs):
+        n = self.particles
+        found = kernel_of(sampler)
+        if found is None:
+            name = getattr(getattr(sampler, "sampler_function", None), "__name__", type(sampler).__name__)
+            refuse_sampler(self.node, name.replace("sample_", ""), "particles")
+        kernel, options = found
+        if getattr(latent_image, "is_nested", False):
+            raise ParticleModeError(self.node, "particles", "nested latents (several latent shapes) are not supported")
+        b = latent_image.shape[0]
+        self.state = ParticleState(n, int(seed or 0), self.resample_below, self.site_dims, self.window, self.temper)
+        psampler = particle_sampler(kernel, self.state, self.node, options, getattr(sampler, "inpaint_options", {}))
+        inner_callback = callback
+        if callback is not None:  # previews and SamplerCustomAdvanced's x0 output: particle 0's rows
+            def callback(step, x0, x, total):
+                return inner_callback(step, x0[:b], x[:b], total)
+        out = super().sample(expand_noise(noise, n, seed), _repeat(latent_image, n, b), psampler, sigmas,
+                             _repeat(denoise_mask, n, b), callback, disable_pbar, seed, *args, **kwargs)
+        sites = tuple(out.shape[out.dim() - self.site_dims:]) if self.site_dims else ()
+        choice = self.state.choose((b, *sites))
+        log.info("DeRaDiff particles (%s): %s", kernel, self.state.summary_text())
+        return pick(out, choice, n, self.site_dims)
+
+
+def particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                      denoise=1.0, particles=2, resample_below=0.5, node="DeRaDiff KSampler", callback=None,
+                      site_dims=0, window=None, temper=1.0):
+    """``realigned_ksampler`` with N particles per image; returns (LATENT, ParticleState)."""
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+    from .sampling import ksampler_sigmas
+    if sampler_name not in STOCHASTIC:
+        refuse_sampler(node, sampler_name)
+    reference = pair.reference
+    latent_image = comfy.sample.fix_empty_latent_channels(reference, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    sigmas = ksampler_sigmas(reference, steps, sampler_name, scheduler, denoise)
+    guider = ParticleGuider(pair, lam, cfg, particles, resample_below, node, site_dims=site_dims, window=window,
+                            temper=temper)
+    guider.set_conds(positive, negative)
+    callback = callback or latent_preview.prepare_callback(reference, steps)
+    samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
+                            denoise_mask=latent.get("noise_mask"), callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = latent.copy()
+    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    return out, guider.state

@@ -1,0 +1,211 @@
+"""Particle realignment: the pure math (no ComfyUI import, so it is unit-testable on its own).
+
+DeRaDiff samples every step from the normalised geometric mixture of the two models' Gaussian
+reverse kernels. With equal variances s² the unnormalised product
+
+    N(x'; μ_ref, s²)^(1-λ) · N(x'; μ_al, s²)^λ = Z_t(x_t) · N(x'; (1-λ)μ_ref + λμ_al, s²)
+
+has the closed-form normaliser
+
+    log Z_t(x_t) = -λ(1-λ) |μ_ref - μ_al|² / (2 s²)          (summed over elements)
+
+which plain DeRaDiff drops. The geometric mixture of the two PATH distributions is the path
+distribution of the model aligned at β/λ, so carrying Π_t Z_t as an importance weight over N
+particles (sequential Monte Carlo) targets p_(β/λ) itself. Z_t depends on x_t only (not on the
+step's noise), so the weight of a step is known as soon as both predictions at x_t are: the
+sampler weights and, when the effective sample size is low, resamples BEFORE taking the step.
+
+For a sampler whose step is x' = a·x + c·D + s·ε (D the mixed denoised prediction, ε ~ N(0, I)),
+μ_ref - μ_al = c·(D_ref - D_al), so log Z_t = -λ(1-λ) · (c/s)² · |D_ref - D_al|² / 2. ``gain``
+below is (c/s)² for each supported kernel. A step with s = 0 (deterministic samplers, the last
+step) has no such factor: weights need a stochastic kernel.
+
+Layout of a particle batch: the sampler's batch is N·B latents, particle-major (rows
+j·B .. j·B+B-1 are particle j of images 0..B-1), so a conditioning batch of B tiles over it.
+Log-weights have shape [N, B, *sites]: one weight per latent (sites = ()) for real images; the
+alignment-world benchmarks use one weight per pixel (sites = (H, W)) because each pixel of their
+latents is an independent sample.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+# -- the per-step factor of each kernel ------------------------------------------------------
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0):
+    """(sigma_down, sigma_up) of k-diffusion's ancestral step (the same formula ComfyUI uses)."""
+    if not eta:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+    return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+def euler_ancestral_gain(sigma: float, sigma_next: float, eta: float = 1.0, s_noise: float = 1.0) -> float:
+    """(c/s)² of x' = x·σ_down/σ + D·(1 - σ_down/σ) + s_noise·σ_up·ε; 0 when the step adds no noise."""
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+    s = float(s_noise) * sigma_up
+    if sigma_down == 0 or s <= 0:
+        return 0.0
+    c = 1.0 - sigma_down / sigma
+    return (c / s) ** 2
+
+
+def ddpm_gain(sigma: float, sigma_next: float) -> float:
+    """(c/s)² of ComfyUI's ``ddpm`` step (DDPM posterior in VP space, mapped back to σ space):
+    c = sqrt(1+σ'²)·(1-α)/(sqrt(α)·σ·sqrt(1-ᾱ)), s = sqrt(1+σ'²)·sqrt((1-α)(1-ᾱ')/(1-ᾱ)),
+    ᾱ = 1/(1+σ²), ᾱ' = 1/(1+σ'²), α = ᾱ/ᾱ'. The common factor sqrt(1+σ'²) cancels."""
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    if sigma_next <= 0:
+        return 0.0
+    acp, acp_prev = 1.0 / (sigma * sigma + 1.0), 1.0 / (sigma_next * sigma_next + 1.0)
+    alpha = acp / acp_prev
+    c = (1.0 - alpha) / (math.sqrt(alpha) * sigma * math.sqrt(1.0 - acp))
+    s2 = (1.0 - alpha) * (1.0 - acp_prev) / (1.0 - acp)
+    return c * c / s2 if s2 > 0 else 0.0
+
+
+GAINS = {"euler_ancestral": euler_ancestral_gain, "ddpm": ddpm_gain}
+
+
+def log_normaliser(d_ref: torch.Tensor, d_al: torch.Tensor, lam: float, gain: float,
+                   particles: int, site_dims: int = 0, mask=None) -> torch.Tensor:
+    """log Z_t per particle and site, shape [N, B, *sites]: -λ(1-λ)·gain·|D_ref - D_al|²/2.
+
+    ``site_dims`` = how many trailing dimensions are separate sites (0: one weight per latent,
+    2: one per pixel). ``mask``: the inpainting denoise mask (only the denoised region moves)."""
+    delta = (d_ref.to(torch.float64) - d_al.to(torch.float64))
+    if mask is not None:
+        delta = delta * mask.to(torch.float64)
+    sq = delta * delta
+    n_total = sq.shape[0]
+    sq = sq.reshape(particles, n_total // particles, *sq.shape[1:])
+    keep = sq.dim() - site_dims
+    sq = sq.sum(dim=tuple(range(2, keep))) if keep > 2 else sq
+    return (-lam * (1.0 - lam) * gain / 2.0) * sq
+
+
+# -- weights ---------------------------------------------------------------------------
+def normalised(logw: torch.Tensor) -> torch.Tensor:
+    """Weights summing to 1 over the particle dimension (dim 0)."""
+    return torch.softmax(logw, dim=0)
+
+
+def ess(logw: torch.Tensor) -> torch.Tensor:
+    """Effective sample size (Σw)²/Σw² over dim 0, per group/site (between 1 and N)."""
+    w = normalised(logw)
+    return 1.0 / (w * w).sum(0)
+
+
+def systematic_resample(logw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Ancestor indices [N, ...] per group/site: one uniform per column, N evenly spaced points
+    through the cumulative weights (unbiased: E[#copies of i] = N·w_i; less variance than
+    multinomial)."""
+    n = logw.shape[0]
+    w = normalised(logw.to(torch.float64))
+    cols = w.reshape(n, -1).T.contiguous()  # [columns, N]
+    cdf = cols.cumsum(1)
+    cdf[:, -1] = 1.0
+    u = (torch.rand(cols.shape[0], 1, generator=generator, dtype=torch.float64)
+         + torch.arange(n, dtype=torch.float64)[None, :]) / n
+    idx = torch.searchsorted(cdf, u).clamp_max(n - 1)
+    return idx.T.reshape(logw.shape)
+
+
+def multinomial_resample(logw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    n = logw.shape[0]
+    cols = normalised(logw.to(torch.float64)).reshape(n, -1).T
+    idx = torch.multinomial(cols, n, replacement=True, generator=generator)
+    return idx.T.reshape(logw.shape)
+
+
+def draw_one(logw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One particle index per group/site, drawn with the final weights (shape logw.shape[1:]).
+
+    A weighted draw, not the highest weight: the drawn particle is distributed as the SMC
+    approximation of the target, which converges to p_(β/λ) as N grows; the arg-max would pick
+    the top of the weight distribution (biased: for λ > 1 the particle the models disagree on most)."""
+    n = logw.shape[0]
+    cols = normalised(logw.to(torch.float64)).reshape(n, -1).T
+    return torch.multinomial(cols, 1, generator=generator)[:, 0].reshape(logw.shape[1:])
+
+
+def gather_particles(x: torch.Tensor, ancestors: torch.Tensor, site_dims: int = 0) -> torch.Tensor:
+    """x [N·B, C, ...] with every (group, site) column replaced by its ancestors' rows."""
+    n = ancestors.shape[0]
+    xs = x.reshape(n, x.shape[0] // n, *x.shape[1:])  # [N, B, C, ...]
+    idx = ancestors.to(x.device)
+    if site_dims == 0:
+        idx = idx.reshape(n, -1, *([1] * (xs.dim() - 2))).expand_as(xs)
+    else:
+        idx = idx.unsqueeze(2).expand_as(xs)  # the channel dimension sits between group and sites
+    return torch.take_along_dim(xs, idx, dim=0).reshape(x.shape)
+
+
+def pick(x: torch.Tensor, choice: torch.Tensor, particles: int, site_dims: int = 0) -> torch.Tensor:
+    """The output [B, C, ...]: for every group/site the row of the chosen particle."""
+    return gather_particles(x, choice.unsqueeze(0).expand(particles, *choice.shape), site_dims
+                            ).reshape(particles, x.shape[0] // particles, *x.shape[1:])[0]
+
+
+# -- the weights of one run ------------------------------------------------------------------
+@dataclass
+class ParticleState:
+    """Log-weights, adaptive resampling and the ESS record of one sampling run.
+
+    ``resample_below``: resample when ESS < resample_below·N (0: never, importance weights only;
+    1: every weighted step). ``window``: (σ_low, σ_high); weights and resampling only for steps
+    whose σ lies inside (None: every step). ``temper``: exponent on Z_t (1 = the exact target;
+    below 1 flattens the weights, a bias/variance trade-off used only in the studies)."""
+    particles: int
+    seed: int
+    resample_below: float = 0.5
+    site_dims: int = 0
+    window: tuple | None = None
+    temper: float = 1.0
+    method: str = "systematic"
+    logw: torch.Tensor | None = None
+    record: list = field(default_factory=list)  # per weighted step: (sigma, mean ESS, min ESS, resampled)
+
+    def __post_init__(self):
+        self.generator = torch.Generator().manual_seed(int(self.seed) % (2 ** 63))
+
+    def in_window(self, sigma: float) -> bool:
+        return self.window is None or self.window[0] <= sigma <= self.window[1]
+
+    def update(self, increment: torch.Tensor, sigma: float):
+        """Add one step's log Z; returns ancestor indices when it resamples, else None."""
+        inc = increment * self.temper
+        self.logw = inc if self.logw is None else self.logw + inc
+        e = ess(self.logw)
+        resample = bool((e < self.resample_below * self.particles).any()) and self.particles > 1
+        self.record.append((float(sigma), float(e.mean()), float(e.min()), resample))
+        if not resample:
+            return None
+        fn = systematic_resample if self.method == "systematic" else multinomial_resample
+        ancestors = fn(self.logw, self.generator)
+        self.logw = torch.zeros_like(self.logw)
+        return ancestors
+
+    def choose(self, batch_shape) -> torch.Tensor:
+        logw = self.logw if self.logw is not None else torch.zeros(self.particles, *batch_shape, dtype=torch.float64)
+        return draw_one(logw, self.generator)
+
+    def summary(self) -> dict:
+        if not self.record:
+            return {"weighted_steps": 0, "resamples": 0, "min_ess": float(self.particles),
+                    "mean_ess": float(self.particles)}
+        return {"weighted_steps": len(self.record), "resamples": sum(r[3] for r in self.record),
+                "min_ess": min(r[2] for r in self.record),
+                "mean_ess": sum(r[1] for r in self.record) / len(self.record)}
+
+    def summary_text(self) -> str:
+        s = self.summary()
+        if not s["weighted_steps"]:
+            return f"{self.particles} particles: weights uniform (λ = 0 or 1, or no noisy step)"
+        collapsed = " (weights collapsed)" if s["min_ess"] < 1.5 else ""
+        return (f"{self.particles} particles: ESS min {s['min_ess']:.1f}, mean {s['mean_ess']:.1f} over "
+                f"{s['weighted_steps']} steps; resampled {s['resamples']}x{collapsed}")

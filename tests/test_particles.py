@@ -1,0 +1,150 @@
+"""Particle realignment, the pure math (sampler/particles.py; no ComfyUI): the closed-form normaliser,
+ESS, resampling and the output draw, each against a known answer with a fixed seed."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_spec = importlib.util.spec_from_file_location("deradiff_particles_math",
+                                               Path(__file__).resolve().parent.parent / "sampler" / "particles.py")
+P = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = P  # dataclasses look their module up
+_spec.loader.exec_module(P)
+
+
+@pytest.mark.parametrize("lam", [0.3, 0.5, 2.0, 3.0])
+def test_log_normaliser_is_the_gaussian_product_integral(lam):
+    """∫ N(x; μ1, s²)^(1-λ) N(x; μ2, s²)^λ dx, by quadrature, equals exp(-λ(1-λ)(μ1-μ2)²/(2s²)) for
+    every λ (λ > 1 too: the product is still a Gaussian in x), summed over independent elements."""
+    mu1, mu2, s = torch.tensor([0.3, -1.0]), torch.tensor([1.1, -0.4]), 0.7
+    grid = torch.linspace(-15, 15, 200001, dtype=torch.float64)
+    log_int = 0.0
+    for a, b in zip(mu1.tolist(), mu2.tolist()):
+        def logn(m):
+            return -0.5 * (grid - m) ** 2 / s ** 2 - 0.5 * math.log(2 * math.pi * s ** 2)
+        f = torch.exp((1 - lam) * logn(a) + lam * logn(b))
+        log_int += math.log(float(torch.trapezoid(f, grid)))
+    # a kernel x' = a·x + c·D + s·ε: μ1-μ2 = c·(D1-D2); gain = (c/s)²
+    c = 0.4
+    d1, d2 = (mu1 / c).reshape(1, 2), (mu2 / c).reshape(1, 2)
+    got = float(P.log_normaliser(d1, d2, lam, (c / s) ** 2, particles=1)[0, 0])
+    assert got == pytest.approx(log_int, rel=1e-6, abs=1e-9)
+
+
+def test_log_normaliser_vanishes_at_lambda_0_and_1_and_is_positive_above_1():
+    d1, d2 = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    assert bool((P.log_normaliser(d1, d2, 0.0, 2.0, 2) == 0).all())
+    assert bool((P.log_normaliser(d1, d2, 1.0, 2.0, 2) == 0).all())
+    assert bool((P.log_normaliser(d1, d2, 0.5, 2.0, 2) < 0).all())
+    assert bool((P.log_normaliser(d1, d2, 2.0, 2.0, 2) > 0).all())
+
+
+def test_log_normaliser_layout_per_latent_and_per_pixel():
+    """N·B rows, particle-major: row j·B + b is particle j of image b; sites keep H, W."""
+    n, b = 3, 2
+    delta = torch.arange(n * b, dtype=torch.float64).reshape(n * b, 1, 1, 1).expand(n * b, 4, 2, 5)
+    per_latent = P.log_normaliser(delta, torch.zeros_like(delta), 0.5, 8.0, n)
+    assert per_latent.shape == (n, b)
+    expected = -0.5 * 0.5 * 8.0 / 2 * (torch.arange(n * b, dtype=torch.float64) ** 2 * 40).reshape(n, b)
+    assert torch.allclose(per_latent, expected)
+    per_pixel = P.log_normaliser(delta, torch.zeros_like(delta), 0.5, 8.0, n, site_dims=2)
+    assert per_pixel.shape == (n, b, 2, 5)
+    assert torch.allclose(per_pixel.sum((2, 3)), expected)
+
+
+def test_kernel_gains():
+    # euler ancestral: c = 1 - σ_down/σ, s = s_noise·σ_up
+    sd, su = P.ancestral_step(2.0, 1.0, 1.0)
+    assert sd ** 2 + su ** 2 == pytest.approx(1.0)
+    assert P.euler_ancestral_gain(2.0, 1.0, 1.0, 0.5) == pytest.approx(((1 - sd / 2.0) / (0.5 * su)) ** 2)
+    assert P.euler_ancestral_gain(2.0, 1.0, 0.0) == 0.0  # eta 0: deterministic
+    assert P.euler_ancestral_gain(2.0, 0.0) == 0.0  # last step
+    assert P.ddpm_gain(2.0, 0.0) == 0.0 and P.ddpm_gain(2.0, 1.0) > 0
+
+
+def test_ess():
+    assert torch.allclose(P.ess(torch.zeros(8, 3)), torch.full((3,), 8.0, dtype=torch.float32))
+    one_hot = torch.full((8, 1), -1e9)
+    one_hot[5] = 0
+    assert float(P.ess(one_hot)[0]) == pytest.approx(1.0)
+    # two equal weights out of 8
+    two = torch.full((8, 1), -float("inf"))
+    two[[1, 6]] = 3.0
+    assert float(P.ess(two)[0]) == pytest.approx(2.0)
+
+
+WEIGHTS = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.5], dtype=torch.float64)
+
+
+def _columns(n_cols):
+    return WEIGHTS.log().reshape(-1, 1).expand(len(WEIGHTS), n_cols).contiguous()
+
+
+def test_systematic_resampling_counts():
+    """Systematic resampling gives particle i floor(N·w_i) or ceil(N·w_i) copies, N·w_i on average."""
+    logw = _columns(4000)
+    idx = P.systematic_resample(logw, torch.Generator().manual_seed(0))
+    n = len(WEIGHTS)
+    counts = torch.stack([(idx == i).sum(0) for i in range(n)])  # [particles, columns]
+    expected = n * WEIGHTS
+    assert bool((counts >= expected.floor()[:, None]).all() and (counts <= expected.ceil()[:, None]).all())
+    assert torch.allclose(counts.double().mean(1), expected, atol=0.03)
+
+
+def test_multinomial_resampling_and_the_output_draw_follow_the_weights():
+    """Chi-square goodness of fit (fixed seed) of the ancestors and of the final draw against w."""
+    logw = _columns(4000)
+    for draws in (P.multinomial_resample(logw, torch.Generator().manual_seed(1)).reshape(-1),
+                  P.draw_one(logw, torch.Generator().manual_seed(2))):
+        counts = torch.bincount(draws, minlength=len(WEIGHTS)).double()
+        expected = WEIGHTS * draws.numel()
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 18.47, chi2  # 4 degrees of freedom, p = 0.001
+
+
+def test_draw_is_not_the_arg_max():
+    """The output is drawn with the weights: a particle of weight 0.2 is chosen about 20 % of the time."""
+    logw = torch.log(torch.tensor([0.8, 0.2], dtype=torch.float64)).reshape(2, 1).expand(2, 5000)
+    picks = P.draw_one(logw, torch.Generator().manual_seed(3))
+    assert 0.17 < float((picks == 1).double().mean()) < 0.23
+
+
+def test_resampling_is_reproducible_with_the_seed():
+    logw = torch.randn(8, 50, dtype=torch.float64)
+    a = P.systematic_resample(logw, torch.Generator().manual_seed(7))
+    b = P.systematic_resample(logw, torch.Generator().manual_seed(7))
+    c = P.systematic_resample(logw, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_gather_and_pick_per_latent_and_per_pixel():
+    n, b = 3, 2
+    x = torch.arange(n * b, dtype=torch.float64).reshape(n * b, 1, 1, 1).expand(n * b, 2, 2, 2).clone()
+    anc = torch.tensor([[2, 0], [2, 1], [0, 1]])  # [N, B]
+    g = P.gather_particles(x, anc)
+    assert g[:, 0, 0, 0].tolist() == [4, 1, 4, 3, 0, 3]  # row j·B + b takes particle anc[j, b] of image b
+    per_pixel = torch.zeros(n, b, 2, 2, dtype=torch.long)
+    per_pixel[0, 0, 1, 1] = 2
+    g2 = P.gather_particles(x, per_pixel, site_dims=2)
+    assert float(g2[0, 0, 1, 1]) == 4.0 and float(g2[0, 1, 1, 1]) == 4.0  # both channels of that pixel move
+    assert float(g2[0, 0, 0, 0]) == 0.0 and float(g2[1, 0, 1, 1]) == 1.0  # other pixels, other images stay
+    out = P.pick(x, torch.tensor([1, 2]), n)
+    assert out.shape == (b, 2, 2, 2) and out[:, 0, 0, 0].tolist() == [2.0, 5.0]
+
+
+def test_state_resamples_only_below_the_threshold_and_records_ess():
+    state = P.ParticleState(4, seed=0, resample_below=0.5)
+    assert state.update(torch.zeros(4, 1, dtype=torch.float64), 5.0) is None  # uniform: ESS 4
+    inc = torch.tensor([[0.0], [-10.0], [-10.0], [-10.0]], dtype=torch.float64)  # ESS ≈ 1
+    anc = state.update(inc, 4.0)
+    assert anc is not None and anc[:, 0].tolist() == [0, 0, 0, 0]
+    assert bool((state.logw == 0).all())
+    assert [r[3] for r in state.record] == [False, True]
+    assert state.summary()["resamples"] == 1 and "collapsed" in state.summary_text()
+    never = P.ParticleState(4, seed=0, resample_below=0.0)
+    assert never.update(inc, 4.0) is None

@@ -1,0 +1,199 @@
+"""Particle realignment in a real ComfyUI, in-process, on the alignment world's closed-form models
+(benchmarks/aw_comfy.py: Gaussian-mixture denoisers wrapped as real ComfyUI models).
+
+- particles = 1 is plain DeRaDiff bit for bit; the particle loop with one particle replays ComfyUI's
+  own euler_ancestral and ddpm steps bit for bit (so the weights describe the kernel that really runs);
+- the kernel factor (c/s)² matches ComfyUI's ddpm step, probed numerically;
+- single-Gaussian world: alignment only shifts the mean, so log Z_t is the same for every particle
+  (the exact value is checked): normalised weights stay uniform, ESS = N, no resampling;
+- hard world: particles move E[r] toward the exact value;
+- refusals name node and input; the Guider node runs particles through SamplerCustomAdvanced's
+  call and equals the KSampler node."""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+LAM = 0.5
+
+
+@pytest.fixture(scope="module")
+def ac(comfy, pack):
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    import aw_comfy
+    return aw_comfy
+
+
+@pytest.fixture(scope="module")
+def hard(ac, pack):
+    import aw_world as aw
+    ref = aw.ring(8, 4.0, (0.3,))
+    w = torch.tensor([1.0, 0.5], dtype=aw.F64)
+    return ref, w, ac.make_pair(pack, ac.world_model(ref.denoise), ac.world_model(ref.tilt(w, 1.0).denoise), 1.0)
+
+
+def node_sample(pack, ac, pair, latent, sampler, steps=6, seed=3, lam=LAM, **extra):
+    cond = ac.conditioning()
+    return pack.nodes.DeRaDiffKSampler().sample(pair, seed, steps, 1.0, sampler, "karras", cond, cond, latent, 1.0,
+                                                **{"lambda": lam}, **extra)
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "ddpm", "dpmpp_2m"])
+def test_particles_1_is_plain_deradiff_bit_for_bit(pack, ac, hard, sampler):
+    latent = ac.empty_latent(64, batch=2)
+    plain = node_sample(pack, ac, hard[2], latent, sampler)["result"][0]["samples"]
+    one = node_sample(pack, ac, hard[2], latent, sampler, particles=1, resample_ess=0.9)
+    assert "deradiff_particles" not in one["ui"]
+    assert torch.equal(plain, one["result"][0]["samples"])
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "ddpm"])
+def test_particle_loop_with_one_particle_replays_comfyuis_step(pack, ac, hard, sampler):
+    from comfyui_deradiff.sampler.particle_sampler import particle_ksampler
+    latent = ac.empty_latent(64, batch=2)
+    plain = node_sample(pack, ac, hard[2], latent, sampler)["result"][0]["samples"]
+    cond = ac.conditioning()
+    out, state = particle_ksampler(hard[2], LAM, 3, 6, 1.0, sampler, "karras", cond, cond, latent, 1.0, particles=1)
+    assert state.summary()["weighted_steps"] == 5  # every step but the noiseless last one is weighted
+    assert torch.equal(plain, out["samples"])
+
+
+def test_ddpm_gain_matches_comfyuis_step():
+    from comfy.k_diffusion import sampling as kds
+    from comfyui_deradiff.sampler.particles import ddpm_gain, euler_ancestral_gain
+    sigma, sigma_next = torch.tensor(1.7, dtype=torch.float64), torch.tensor(0.9, dtype=torch.float64)
+
+    def step(x, d, noise):  # generic_step_sampler's ddpm step in σ space
+        out = kds.DDPMSampler_step(x / torch.sqrt(1 + sigma ** 2), sigma, sigma_next, (x - d) / sigma, lambda *a: noise)
+        return out * torch.sqrt(1 + sigma_next ** 2)
+
+    x, zero, one = torch.tensor([0.3], dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    c = float(step(x, one, zero) - step(x, zero, zero))
+    s = float(step(x, zero, one) - step(x, zero, zero))
+    assert ddpm_gain(float(sigma), float(sigma_next)) == pytest.approx((c / s) ** 2, rel=1e-10)
+    sd, su = kds.get_ancestral_step(sigma, sigma_next, eta=1.0)
+    assert euler_ancestral_gain(1.7, 0.9) == pytest.approx(float(((1 - sd / sigma) / su) ** 2), rel=1e-10)
+
+
+def _recorded(state):
+    increments = []
+    update = state.update
+
+    def spy(inc, sigma):
+        increments.append((inc.clone(), sigma))
+        return update(inc, sigma)
+    state.update = spy
+    return increments
+
+
+def test_single_gaussian_world_weights_stay_uniform(pack, ac, monkeypatch):
+    """Reference N(m, s²I), aligned p_β = N(m + s²w/β, s²I): D_al − D_ref = s²w/β · σ²/(s²+σ²) at every x,
+    so log Z_t = −λ(1−λ)·gain·|ΔD|²/2 is one number for all particles (not 0): uniform normalised
+    weights. The hard world (a mixture) is the control where they are not."""
+    import aw_world as aw
+    from comfyui_deradiff.sampler import particle_sampler, particles
+    seen = []
+    real_state = particles.ParticleState
+
+    def recording_state(*a, **k):
+        st = real_state(*a, **k)
+        seen.append((st, _recorded(st)))
+        return st
+    monkeypatch.setattr(particle_sampler, "ParticleState", recording_state)
+    s2, w = 0.09, torch.tensor([1.0, 0.5], dtype=aw.F64)
+    ref = aw.gaussian([0.5, -0.3], s2)
+    pair = ac.make_pair(pack, ac.world_model(ref.denoise), ac.world_model(ref.tilt(w, 1.0).denoise), 1.0)
+    latent = ac.empty_latent(16)
+    out = node_sample(pack, ac, pair, latent, "euler_ancestral", steps=8, particles=4)
+    state, incs = seen[-1]
+    assert len(incs) == 7
+    for inc, sigma in incs:
+        # |ΔD|² over the 16 points: |s²w|² · (σ²/(s²+σ²))² each (the filler channels agree)
+        expected = -LAM * (1 - LAM) / 2 * (s2 ** 2 * float(w @ w) * (sigma ** 2 / (s2 + sigma ** 2)) ** 2) * 16
+        assert inc.shape == (4, 1)
+        assert float(inc.std()) < 1e-4 * abs(float(inc.mean()))  # float32 model outputs
+        assert float(inc.mean()) == pytest.approx(expected * _gain_of(sigma, incs), rel=1e-4)
+    assert state.summary()["resamples"] == 0 and state.summary()["min_ess"] == pytest.approx(4.0, abs=1e-6)
+    assert "ESS min 4.0" in out["ui"]["deradiff_particles"][0]
+    # the control: separated modes give unequal weights
+    _, _, pair_hard = _hard(ac, pack)
+    node_sample(pack, ac, pair_hard, latent, "euler_ancestral", steps=8, particles=4)
+    assert seen[-1][0].summary()["min_ess"] < 3.5
+
+
+def _hard(ac, pack):
+    import aw_world as aw
+    ref = aw.ring(8, 4.0, (0.3,))
+    w = torch.tensor([1.0, 0.5], dtype=aw.F64)
+    return ref, w, ac.make_pair(pack, ac.world_model(ref.denoise), ac.world_model(ref.tilt(w, 1.0).denoise), 1.0)
+
+
+_SIGMAS = {}
+
+
+def _gain_of(sigma, incs):
+    from comfyui_deradiff.sampler.particles import euler_ancestral_gain
+    sigmas = [s for _, s in incs]
+    i = sigmas.index(sigma)
+    if "karras8" not in _SIGMAS:
+        import comfy.samplers
+        import aw_comfy
+        m = aw_comfy.world_model(lambda x, s: x)
+        _SIGMAS["karras8"] = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "karras", 8).tolist()
+    full = _SIGMAS["karras8"]
+    return euler_ancestral_gain(full[i], full[i + 1])
+
+
+def test_hard_world_particles_move_the_expected_reward_toward_exact(pack, ac):
+    import aw_particles as ap
+    cfg = replace(ap.Config(), points=8192, steps=50, lambdas=(LAM,), particles=(8,), worlds=("hard",),
+                  reward_steering=False)
+    row = ap.measure(pack, "hard", LAM, cfg, log=lambda *a: None)
+    plain, part = abs(row["plain"]["err"]), abs(row["p8"]["err"])
+    assert plain > 0.2, row  # the per-step mix is far off here
+    # measured: plain −0.43, N = 8 +0.04 (from scratch +0.02); forgetting the weights leaves −0.43
+    assert part < 0.35 * plain, row
+    assert row["p8"]["tv"] < 0.5 * row["plain"]["tv"], row
+
+
+def test_refusals_name_node_and_input(pack, ac, hard):
+    latent = ac.empty_latent(16)
+    with pytest.raises(ValueError, match="DeRaDiff KSampler: input 'sampler_name'.*stochastic"):
+        node_sample(pack, ac, hard[2], latent, "euler", particles=2)
+    with pytest.raises(ValueError, match="DeRaDiff KSampler: input 'particles'.*full_pass_every"):
+        node_sample(pack, ac, hard[2], latent, "euler_ancestral", particles=2, full_pass_every=2)
+    with pytest.raises(ValueError, match="DeRaDiff KSampler: input 'resample_ess'"):
+        node_sample(pack, ac, hard[2], latent, "euler_ancestral", particles=2, resample_ess=1.5)
+    import comfy.samplers
+    cond = ac.conditioning()
+    guider = pack.nodes.DeRaDiffGuiderNode().get_guider(hard[2], cond, cond, 1.0, **{"lambda": LAM},
+                                                        particles=2)["result"][0]
+    sigmas = comfy.samplers.calculate_sigmas(hard[2].reference.get_model_object("model_sampling"), "karras", 4)
+    with pytest.raises(ValueError, match="DeRaDiff Guider: input 'particles'.*'euler'"):
+        guider.sample(torch.randn(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), comfy.samplers.sampler_object("euler"),
+                      sigmas, seed=1)
+
+
+def test_guider_node_through_a_custom_sampler_equals_the_ksampler_node(pack, ac, hard):
+    import comfy.sample
+    import comfy.samplers
+    cond = ac.conditioning()
+    latent = ac.empty_latent(64, batch=2)
+    ks = node_sample(pack, ac, hard[2], latent, "euler_ancestral", steps=6, seed=5, particles=3)
+    assert ks["result"][0]["samples"].shape == latent["samples"].shape
+    guider = pack.nodes.DeRaDiffGuiderNode().get_guider(hard[2], cond, cond, 1.0, **{"lambda": LAM},
+                                                        particles=3)["result"][0]
+    sigmas = comfy.samplers.calculate_sigmas(hard[2].reference.get_model_object("model_sampling"), "karras", 6)
+    noise = comfy.sample.prepare_noise(latent["samples"], 5)
+    out = guider.sample(noise, latent["samples"], comfy.samplers.sampler_object("euler_ancestral"), sigmas, seed=5)
+    assert torch.equal(out, ks["result"][0]["samples"])
+    assert guider.state.summary()["weighted_steps"] == 5
