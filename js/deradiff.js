@@ -146,9 +146,10 @@ function addInfoBox(node) {
   // With a schedule connected the constant λ is unused: show the schedule's own description (from
   // the last run) instead of a misleading λ line.
   const refresh = () => {
-    el.textContent = upstream(node, "lambda_schedule")
+    el.textContent = (upstream(node, "lambda_schedule")
       ? node.deradiffScheduleText ?? SCHEDULE_PENDING
-      : emulatedBetaText(widget(node, "lambda")?.value, pairBeta(node));
+      : emulatedBetaText(widget(node, "lambda")?.value, pairBeta(node)))
+      + (node.deradiffParticlesText ? ` · ${node.deradiffParticlesText}` : "");
   };
   const lam = widget(node, "lambda");
   if (lam) chain(lam, "callback", refresh);
@@ -189,6 +190,12 @@ app.registerExtension({
         const w = widget(this, "full_pass_every");
         const v = Number(w?.value);
         if (w && (w.value === "" || w.value == null || !Number.isInteger(v) || v < 1)) w.value = 1;
+        // the same for the particle mode's inputs, added after it
+        const p = widget(this, "particles");
+        if (p && (p.value === "" || p.value == null || !Number.isInteger(Number(p.value)) || Number(p.value) < 1)) p.value = 1;
+        const r = widget(this, "resample_ess");
+        const rv = Number(r?.value);
+        if (r && (r.value === "" || r.value == null || !(rv >= 0 && rv <= 1))) r.value = 0.5;
       });
     }
     const relevant = SAMPLER_NODES.has(name) || PAIR_NODES.has(name) || name === SCHEDULE_NODE || name === GRID_NODE
@@ -229,6 +236,7 @@ app.registerExtension({
       } else if (SAMPLER_NODES.has(name)) {
         // a schedule's own description; a constant λ's line is written here, with the editor's β
         this.deradiffScheduleText = message?.deradiff_schedule?.[0] ? message.deradiff?.[0] : undefined;
+        this.deradiffParticlesText = message?.deradiff_particles?.[0];  // particle mode: the ESS summary
         this.deradiffRefresh?.();
       }
     });
