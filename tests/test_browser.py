@@ -691,13 +691,12 @@ def test_workflow_saved_before_full_pass_every_loads_with_its_default(ui, server
     data = json.loads((EXAMPLES / f"{name}.json").read_text())
     old = json.loads(json.dumps(data))
     sampler = node_of(old, "DeRaDiffKSampler")[0]
-    order = [n for n in object_info["DeRaDiffKSampler"]["input_order"]["required"]] + \
-        object_info["DeRaDiffKSampler"]["input_order"].get("optional", [])
-    assert order[-1] == "full_pass_every"
-    # what the 0.3.x pack saved: the widget values without full_pass_every (the info box's "" last)
-    assert sampler["widgets_values"][-2:] == [1, ""]
-    del sampler["widgets_values"][-2]
-    sampler["inputs"] = [i for i in sampler["inputs"] if i["name"] != "full_pass_every"]
+    optional = object_info["DeRaDiffKSampler"]["input_order"].get("optional", [])
+    later = optional[optional.index("full_pass_every"):]  # inputs added since (particles, ...)
+    # what the pack saved before: the widget values up to denoise, then the info box's ""
+    assert sampler["widgets_values"][-1] == ""
+    sampler["widgets_values"] = sampler["widgets_values"][:-1 - len(later)] + [""]
+    sampler["inputs"] = [i for i in sampler["inputs"] if i["name"] not in later]
     page.evaluate(DROP_JS, [name + "_old", json.dumps(old)])
     page.wait_for_timeout(500)
     state = page.evaluate(STATE_JS)
