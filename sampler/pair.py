@@ -71,9 +71,32 @@ def describe(patcher) -> str:
 
 
 def _family(patcher) -> tuple:
+    """What must be equal for two models to be one family. UNets (SD1.x, SD2.x, SDXL): the model class,
+    text context width, adm vector and latent channels. Transformers (SD3/SD3.5 MMDiT, Flux.1 and
+    other ``image_model`` configs): the model class, architecture, latent channels, text context width
+    and, for Flux, whether it takes a guidance input (Flux.1-dev does, Flux.1-schnell does not)."""
     unet = patcher.model.model_config.unet_config
-    return (type(patcher.model).__name__, unet.get("context_dim"), unet.get("adm_in_channels"),
-            unet.get("in_channels"))
+    name = type(patcher.model).__name__
+    if "context_dim" in unet and "image_model" not in unet:
+        return (name, unet.get("context_dim"), unet.get("adm_in_channels"), unet.get("in_channels"))
+    context = unet.get("context_in_dim")
+    embedder = unet.get("context_embedder_config")
+    if context is None and isinstance(embedder, dict):
+        context = embedder.get("params", {}).get("in_features")
+    arch = unet.get("image_model") or ("mmdit" if "context_embedder_config" in unet or
+                                       "x_block_self_attn_layers" in unet else None)
+    return (name, arch, unet.get("in_channels"), context, bool(unet.get("guidance_embed", False)))
+
+
+def _family_text(fam: tuple) -> str:
+    if len(fam) == 4:
+        return f"{fam[0]} with text context {fam[1]} (adm {fam[2]})"
+    name, arch, channels, context, guidance = fam
+    text = f"{name} ({arch or 'transformer'}, {channels} latent channels, text context {context}"
+    if arch == "flux":
+        text += ", guidance input: yes (guidance-distilled, like Flux.1-dev)" if guidance \
+            else ", guidance input: no (like Flux.1-schnell)"
+    return text + ")"
 
 
 def _latent_format(patcher):
@@ -94,14 +117,30 @@ def check_compatible(reference, aligned, reference_name: str, aligned_name: str)
     who = f"the reference '{reference_name}' ({describe(reference)}) and the aligned model '{aligned_name}' ({describe(aligned)})"
     fam_r, fam_a = _family(reference), _family(aligned)
     if fam_r != fam_a:
+        if len(fam_r) == len(fam_a) == 4:
+            what = (f"{fam_r[0]} with text context {fam_r[1]} vs {fam_a[0]} with text context {fam_a[1]} "
+                    f"(adm {fam_r[2]} vs {fam_a[2]})")
+        else:
+            what = f"{_family_text(fam_r)} vs {_family_text(fam_a)}"
         raise PairError(
-            f"{who} are different model families: {fam_r[0]} with text context {fam_r[1]} "
-            f"vs {fam_a[0]} with text context {fam_a[1]} (adm {fam_r[2]} vs {fam_a[2]}). "
-            "Pick an aligned model fine-tuned from this reference (SD1.5 with SD1.5, SDXL with SDXL).")
+            f"{who} are different model families: {what}. Pick an aligned model fine-tuned from this "
+            "reference (SD1.5 with SD1.5, SD2.x with SD2.x, SDXL with SDXL, SD3.5 with SD3.5, Flux.1-dev with "
+            "Flux.1-dev, Flux.1-schnell with Flux.1-schnell).")
     lat_r, lat_a = _latent_format(reference), _latent_format(aligned)
     if lat_r != lat_a:
         raise PairError(f"{who} use different latent formats: {lat_r[0]} ({lat_r[1]} channels, scale "
                         f"{lat_r[2]:g}) vs {lat_a[0]} ({lat_a[1]} channels, scale {lat_a[2]:g}).")
+    noise_r = _noising(reference.get_model_object("model_sampling"))
+    noise_a = _noising(aligned.get_model_object("model_sampling"))
+    if noise_r != noise_a:
+        raise PairError(f"{who} use prediction types that change the meaning of the mix: "
+                        f"{_schedule_origin(reference, 'reference')} vs {_schedule_origin(aligned, 'aligned model')}. "
+                        f"{_NOISING[noise_r] if noise_r in _NOISING else noise_r} vs "
+                        f"{_NOISING[noise_a] if noise_a in _NOISING else noise_a}: the two models do not see the "
+                        "same noisy input at a noise level, so their predictions cannot be mixed. (eps-, v- and "
+                        "x0-prediction models of one family with the same schedule do mix: each converts its "
+                        "output to x0.) Remove the ModelSampling node that changes one of them, or give both "
+                        "the same one.")
     kind_r, sig_r, lo_r, hi_r = _schedule(reference)
     kind_a, sig_a, lo_a, hi_a = _schedule(aligned)
     same = kind_r == kind_a and abs(lo_r - lo_a) <= 1e-5 * max(lo_r, 1e-8) and abs(hi_r - hi_a) <= 1e-5 * hi_r
@@ -113,9 +152,24 @@ def check_compatible(reference, aligned, reference_name: str, aligned_name: str)
                         f"same noise level. {_schedule_advice(reference, aligned)}")
 
 
-_PREDICTIONS = (("V_PREDICTION_EDM", "v-prediction (EDM)"), ("V_PREDICTION_CONTINUOUS", "v-prediction (continuous)"),
+# How a model's input is noised at sigma: within one group every prediction type (eps, v, x0, EDM)
+# turns its output into the same x0 estimate, so two models mix; across groups they do not.
+_NOISING = {"EPS": "diffusion noising x = x0 + sigma*noise (eps / v / x0 prediction)",
+            "CONST": "rectified-flow noising x = (1-sigma)*x0 + sigma*noise",
+            "IMG_TO_IMG": "image-to-image input (no noising)", "COSMOS_RFLOW": "Cosmos rectified-flow noising"}
+
+
+def _noising(ms) -> str:
+    for name in ("IMG_TO_IMG", "COSMOS_RFLOW", "CONST", "EPS"):  # most specific first
+        cls = getattr(comfy.model_sampling, name, None)
+        if cls is not None and isinstance(ms, cls):
+            return name
+    return type(ms).__name__
+
+
+_PREDICTIONS = (("IMG_TO_IMG", "image-to-image"), ("V_PREDICTION_EDM", "v-prediction (EDM)"), ("V_PREDICTION_CONTINUOUS", "v-prediction (continuous)"),
                 ("V_PREDICTION", "v-prediction"), ("EDM", "EDM"), ("EPS", "eps-prediction"),
-                ("CONST", "flow (rectified)"), ("X0", "x0-prediction"), ("IMG_TO_IMG", "image-to-image"))
+                ("CONST", "flow (rectified)"), ("X0", "x0-prediction"))
 
 
 def _prediction(ms) -> str:

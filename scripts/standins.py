@@ -198,7 +198,7 @@ def ensure_standin(name: str) -> Path:
     kind, family, seed, extra = {**STANDINS, **ON_DEMAND}[name]
     tmp = path.with_suffix(".partial")
     writer = {"checkpoint": write_checkpoint, "unet": write_unet,
-              "lora": write_lora}[kind]
+              "lora": write_lora, **_FAMILY_WRITERS}[kind]
     writer(str(tmp), family, seed, **extra)
     tmp.rename(path)
     return path
@@ -282,3 +282,134 @@ def ensure_reward_standins() -> Path:
             write_clip_folder(tmp, tokenizer_dir, seed)
         tmp.rename(path)
     return STANDIN_DIR / "reward_models"
+
+
+# -- more families (issue 14): SD2.x v-prediction, SDXL v-prediction + zero-terminal SNR, SD3.5 (MMDiT),
+# Flux.1 dev / schnell. All are diffusion-model-only files (models/diffusion_models, read by UNETLoader);
+# their text encoders (OpenCLIP-H, CLIP-G, T5-XXL) are not written: the tests feed conditioning of the
+# right shapes directly, and the test server gets it from a test-only node (tests/family_nodes/).
+#
+# What ComfyUI's detection keys on, and how each stand-in meets it:
+# - SD2.x: context_dim 1024, model_channels 320, linear transformer projections, no adm. v-prediction is
+#   read from the standard deviation of output_blocks.11.1.transformer_blocks.0.norm1.bias (> 0.09), so
+#   the UNet has 12 output blocks (one level of 11 res blocks) with a transformer only in the last
+#   (output blocks take transformer_depth_output from its end) and one in the first input block,
+#   where detection reads context_dim.
+# - SDXL v-pred/ztsnr: the KOALA-shaped SDXL stand-in plus the empty marker tensors ``v_pred`` and
+#   ``ztsnr`` that v-prediction SDXL releases (NoobAI-XL v-pred) carry.
+# - SD3/SD3.5: MMDiT with hidden size 64 x depth (depth 2 here), 16 latent channels, 2048-wide pooled
+#   vector, 4096-wide context, RMS q/k norm and one self-attention x-block as in SD3.5 Medium.
+# - Flux.1: 0.3.75 fixes 24 heads of 128 channels, so the width must stay 3072; one double-stream
+#   block and no single-stream block keep it at ~0.4 G parameters. dev has the guidance embedder
+#   (``guidance_in``), schnell does not.
+SD2_UNET = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[11],
+    channel_mult=[1], transformer_depth=[1] + [0] * 10, transformer_depth_middle=-1,
+    transformer_depth_output=[1] + [0] * 11, context_dim=1024, num_heads=-1, num_head_channels=64,
+    use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False, adm_in_channels=None,
+    use_temporal_attention=False, use_temporal_resblock=False,
+)
+SD2_VPRED_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+SD3_MMDIT = dict(
+    input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=2, adm_in_channels=2048,
+    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+    pos_embed_max_size=16, num_patches=256, qk_norm="rms", pos_embed_scaling_factor=None,
+    x_block_self_attn_layers=[0],
+)
+FLUX_PARAMS = dict(
+    in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
+    num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+    qkv_bias=True, txt_ids_dims=[],
+)
+# conditioning shapes of each family (what its text encoder would produce): (tokens, width, pooled width)
+FAMILY_CONDITIONING = {"sd2": (77, 1024, None), "sdxl": (77, 2048, 1280), "sd3": (154, 4096, 2048),
+                       "flux": (256, 4096, 768)}
+
+
+def _family_module(family: str, guidance: bool = True) -> torch.nn.Module:
+    """The family's diffusion model on the meta device (shapes only)."""
+    import dataclasses
+    import comfy.ops
+    ops = comfy.ops.disable_weight_init
+    with torch.device("meta"):
+        if family in ("sd2", "sd2_vpred"):
+            from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+            return UNetModel(**SD2_UNET, operations=ops)
+        if family in ("sdxl", "sdxl_vpred_ztsnr"):
+            from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+            return UNetModel(**SDXL_UNET, operations=ops)
+        if family == "sd3":
+            from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+            return OpenAISignatureMMDITWrapper(**SD3_MMDIT, operations=ops)
+        if family in ("flux_dev", "flux_schnell"):
+            from comfy.ldm.flux import model as flux
+            known = {f.name for f in dataclasses.fields(flux.FluxParams)}
+            params = {k: v for k, v in FLUX_PARAMS.items() if k in known}
+            return flux.Flux(guidance_embed=family == "flux_dev", operations=ops, **params)
+    raise KeyError(family)
+
+
+def family_state_dict(family: str, seed: int, dtype=torch.float16) -> dict:
+    """Random weights for one of the families above, as a diffusion-model-only file holds them."""
+    sd = _randomise(_shapes(_family_module(family)), seed, dtype)
+    if family == "sd2_vpred":  # ComfyUI's v-prediction test for SD2.x (see above)
+        gen = torch.Generator().manual_seed(seed + 17)
+        sd[SD2_VPRED_KEY] = (torch.randn(sd[SD2_VPRED_KEY].shape, generator=gen) * 0.3).to(dtype)
+    if family == "sdxl_vpred_ztsnr":
+        sd["v_pred"] = torch.tensor([])
+        sd["ztsnr"] = torch.tensor([])
+    return sd
+
+
+def write_family_unet(path: str, family: str, seed: int) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(family_state_dict(family, seed), path)
+    return path
+
+
+def write_family_lora(path: str, family: str, seed: int, rank: int = 4, scale: float = 1.0) -> str:
+    """A LoRA in the generic ``lora_unet_<key>`` naming that ComfyUI maps for every diffusion model,
+    on every 2-D attention projection (qkv / proj / to_q.. / attn) of the family's stand-in."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in sorted(_shapes(_family_module(family)).items()):
+        if not (k.endswith(".weight") and len(shape) == 2 and "attn" in k and "norm" not in k):
+            continue
+        name = "lora_unet_" + k[: -len(".weight")].replace(".", "_")
+        out_f, in_f = shape
+        sd[name + ".lora_down.weight"] = (torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f)).half()
+        sd[name + ".lora_up.weight"] = (torch.randn(out_f, rank, generator=gen) * scale / math.sqrt(rank)).half()
+        sd[name + ".alpha"] = torch.tensor(float(rank))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(sd, path)
+    return path
+
+
+# file name -> (writer, family, seed, extra); written on first use by the family tests
+FAMILY_STANDINS = {
+    "diffusion_models/sd2_eps_unet.safetensors": ("family_unet", "sd2", 900, {}),
+    "diffusion_models/sd2_vpred_reference_unet.safetensors": ("family_unet", "sd2_vpred", 910, {}),
+    "diffusion_models/sd2_vpred_aligned_unet.safetensors": ("family_unet", "sd2_vpred", 920, {}),
+    "loras/sd2_aligned_lora.safetensors": ("family_lora", "sd2", 930, {}),
+    "diffusion_models/sdxl_vpred_ztsnr_reference_unet.safetensors": ("family_unet", "sdxl_vpred_ztsnr", 940, {}),
+    "diffusion_models/sdxl_vpred_ztsnr_aligned_unet.safetensors": ("family_unet", "sdxl_vpred_ztsnr", 950, {}),
+    "loras/sdxl_vpred_aligned_lora.safetensors": ("family_lora", "sdxl", 960, {}),
+    "diffusion_models/sd35_reference.safetensors": ("family_unet", "sd3", 970, {}),
+    "diffusion_models/sd35_aligned.safetensors": ("family_unet", "sd3", 980, {}),
+    "loras/sd35_aligned_lora.safetensors": ("family_lora", "sd3", 990, {}),
+    "diffusion_models/flux1_dev_reference.safetensors": ("family_unet", "flux_dev", 1000, {}),
+    "diffusion_models/flux1_dev_aligned.safetensors": ("family_unet", "flux_dev", 1010, {}),
+    "loras/flux1_dev_aligned_lora.safetensors": ("family_lora", "flux_dev", 1020, {}),
+    "diffusion_models/flux1_schnell_reference.safetensors": ("family_unet", "flux_schnell", 1030, {}),
+    "diffusion_models/flux1_schnell_aligned.safetensors": ("family_unet", "flux_schnell", 1040, {}),
+}
+ON_DEMAND.update(FAMILY_STANDINS)
+_FAMILY_WRITERS = {"family_unet": write_family_unet, "family_lora": write_family_lora}
+
+
+def ensure_family_standins(prefix: str = "") -> Path:
+    """Writes the family stand-ins whose file name starts with ``prefix`` (e.g. "diffusion_models/flux1_dev")."""
+    for name in FAMILY_STANDINS:
+        if name.split("/", 1)[1].startswith(prefix) or name.startswith(prefix):
+            ensure_standin(name)
+    return STANDIN_DIR
