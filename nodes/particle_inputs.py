@@ -12,8 +12,9 @@ PARTICLES_INPUT = ("INT", {
                "low, and return one particle per image, drawn with the final weights. Corrects the mode weights "
                "the plain mix gets wrong when alignment reweights separate modes. Costs N times the model calls "
                "and N times the memory. Needs euler_ancestral or ddpm. 1 = plain DeRaDiff (unchanged). "
-               "In high dimension the weights can collapse (ESS near 1): the node shows the ESS after a run; "
-               "see README, 'Particle realignment'."})
+               "Weights can collapse in high dimension: in a test world where the two models disagree "
+               "independently all over the latent, the ESS fell to 1 within the first steps (then the mode only "
+               "selects greedily); the node shows the ESS after each run. See README, 'Particle realignment'."})
 
 RESAMPLE_ESS_INPUT = ("FLOAT", {
     "default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
