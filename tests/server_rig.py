@@ -212,6 +212,10 @@ def comfy_server(comfy_root):
     root = Path(tempfile.mkdtemp(prefix="deradiff-server-"))
     server = ComfyServer(comfy_root, STANDIN_DIR, root, extra_args=["--preview-method", "latent2rgb"],
                          log_name="server.log")
+    # test-only custom nodes next to the pack (tests/family_nodes: conditioning of a family's shapes for
+    # families whose text encoders are too large here); the shipped pack never registers them
+    server.custom_nodes.mkdir(parents=True, exist_ok=True)
+    (server.custom_nodes / "deradiff_test_nodes").symlink_to(REPO / "tests" / "family_nodes", target_is_directory=True)
     try:
         server.start()
         yield ServerClient(server)

@@ -232,3 +232,79 @@ def test_flux_guidance_reaches_both_models(fam, pack):
     assert seen[0] == seen[1] == [2.0] * STEPS + [6.0] * STEPS
     for side in (0, 1):
         assert not torch.allclose(denoised[2.0][side][0], denoised[6.0][side][0])
+
+
+# -- which pairs are accepted and which refused ------------------------------------------------------
+def _with_sampling(patcher, model_type, shift=None):
+    """``patcher`` with ComfyUI's sampling object for another prediction type (what a ModelSampling node does)."""
+    import comfy.model_base
+    ms = comfy.model_base.model_sampling(patcher.model.model_config, getattr(comfy.model_base.ModelType, model_type))
+    if shift is not None:
+        ms.set_parameters(shift=shift)
+    clone = patcher.clone()
+    clone.add_object_patch("model_sampling", ms)
+    return clone
+
+
+def test_pairs_that_only_look_different_are_accepted(comfy, pack):
+    """eps reference + v-prediction aligned model of one family with one schedule: each model turns its own
+    output into x0, so the mix is valid. SD2.x 512 (eps) + 768-v, and SDXL eps + v-prediction (no ztsnr)."""
+    from standins import ensure_standin
+    from comfyui_deradiff.sampler.pair import make_pair as pair_of
+    for name in ("diffusion_models/sd2_eps_unet.safetensors", "diffusion_models/sd2_vpred_aligned_unet.safetensors"):
+        ensure_standin(name)
+    eps, vpred = load_unet_file("sd2_eps_unet.safetensors"), load_unet_file("sd2_vpred_aligned_unet.safetensors")
+    assert eps.model.model_type.name == "EPS" and vpred.model.model_type.name == "V_PREDICTION"
+    f = dict(FAMILIES["sd2_vpred"], pos=family_conditioning("sd2", 1), neg=family_conditioning("sd2", 2),
+             latent={"samples": torch.zeros(1, 4, 8, 8)})
+    pair = pair_of(eps, vpred, None, "sd2_eps_unet.safetensors", "sd2_vpred_aligned_unet.safetensors")
+    assert_bit_identical(deradiff(pack, f, pair, 1.0), plain(f, vpred))
+    assert_bit_identical(deradiff(pack, f, pair, 0.0), plain(f, eps))
+    half = deradiff(pack, f, pair, 0.5)
+    assert torch.isfinite(half).all() and not torch.allclose(half, plain(f, eps), atol=1e-3)
+    del pair, eps, vpred
+    xl = load_unet_file("sdxl_aligned_unet.safetensors")
+    pair_of(xl, _with_sampling(xl, "V_PREDICTION"), None, "sdxl eps", "sdxl v-pred")  # no error
+    del xl
+    release()
+
+
+REFUSED = [  # (reference file, aligned file or (file, sampling patch), words the message must contain)
+    ("sd2_vpred_reference_unet.safetensors", "sd15_aligned_unet.safetensors", ["different model families", "SD20", "SD15"]),
+    ("sd35_reference.safetensors", "flux1_dev_aligned.safetensors", ["different model families", "SD3", "Flux"]),
+    ("flux1_dev_reference.safetensors", "flux1_schnell_aligned.safetensors",
+     ["different model families", "guidance input: yes", "guidance input: no"]),
+    ("sdxl_aligned_unet.safetensors", "sdxl_vpred_ztsnr_aligned_unet.safetensors",
+     ["noise schedules", "no zero-terminal SNR", "v-prediction, zero-terminal SNR"]),
+    ("sd35_reference.safetensors", ("sd35_aligned.safetensors", "FLOW", 6.0), ["noise schedules", "ModelSampling"]),
+    ("sd2_eps_unet.safetensors", ("sd2_vpred_aligned_unet.safetensors", "FLOW", 1.0),
+     ["prediction types that change the meaning of the mix", "flow (rectified)", "rectified-flow noising"]),
+]
+
+
+@pytest.mark.parametrize("ref_name,aligned,words", REFUSED, ids=[f"{r.split('_')[0]}-{(a if isinstance(a, str) else a[0]).split('_')[0]}-{w[0].split()[0]}"
+                                                                for r, a, w in REFUSED])
+def test_pairs_across_families_or_noising_are_refused_naming_both_models(comfy, pack, ref_name, aligned, words):
+    from standins import FAMILY_STANDINS, ensure_standin
+    from comfyui_deradiff.sampler.pair import PairError
+    from comfyui_deradiff.sampler.pair import make_pair as pair_of
+    aligned_name, patch = (aligned, None) if isinstance(aligned, str) else (aligned[0], aligned[1:])
+    for name in (ref_name, aligned_name):
+        full = "diffusion_models/" + name
+        if full in FAMILY_STANDINS:
+            ensure_standin(full)
+    ref, al = load_unet_file(ref_name), load_unet_file(aligned_name)
+    if patch:
+        al = _with_sampling(al, *patch)
+    try:
+        with pytest.raises(PairError) as e:
+            pair_of(ref, al, None, ref_name, aligned_name)
+        msg = str(e.value)
+        assert f"'{ref_name}'" in msg and f"'{aligned_name}'" in msg, msg
+        for w in words:
+            assert w in msg, (w, msg)
+        with pytest.raises(pack.nodes.common.NodeInputError, match="Make Aligned Model Pair"):
+            make_pair(pack, ref, al)  # the node names itself and its input
+    finally:
+        del ref, al
+        release()
