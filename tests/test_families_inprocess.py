@@ -173,11 +173,9 @@ def test_reference_plus_lora_shared_weights_equals_the_merged_pair(fam, pack):
     merged = nodes.LoraLoaderModelOnly().load_lora_model_only(independent, fam["lora"], 1.0)[0]
     merged_pair = make_pair(pack, ref, merged)
     assert merged_pair.aligned_side().patcher is merged
-    try:
-        for lam in (0.5, 1.5):
-            got = deradiff(pack, fam, shared_pair, lam)
-            want = deradiff(pack, fam, merged_pair, lam)
-            close(got, want)
+    try:  # λ 1.5: both models run, the aligned one extrapolated
+        got = deradiff(pack, fam, shared_pair, 1.5)
+        close(got, deradiff(pack, fam, merged_pair, 1.5))
         assert not torch.allclose(got, plain(fam, ref), atol=1e-3)
     finally:
         del merged_pair, merged, independent
@@ -204,8 +202,7 @@ def test_realign_model_in_a_plain_ksampler(fam, pack):
     pair = make_pair(pack, fam["ref_model"], fam["aligned_model"])
     realign = pack.nodes.DeRaDiffRealignModel().realign
     assert_bit_identical(plain(fam, realign(pair, **{"lambda": 0.0})[0]), plain(fam, fam["ref_model"]))
-    for lam in (0.5, 1.5):
-        close(plain(fam, realign(pair, **{"lambda": lam})[0]), deradiff(pack, fam, pair, lam))
+    close(plain(fam, realign(pair, **{"lambda": 0.5})[0]), deradiff(pack, fam, pair, 0.5))
 
 
 def test_flux_guidance_reaches_both_models(fam, pack):
