@@ -453,7 +453,10 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
     # 1. drop the file on the canvas
     seen = load_example(page, name)
     assert seen["missingNodes"] == [], f"the front end reports missing nodes: {seen['missingNodes']}"
-    assert seen["missingModels"] == [], f"the front end reports missing models: {seen['missingModels']}"
+    # newer front ends also report loader values absent on the server: only the NOT_HERE files may be
+    not_here = uses_files_not_here(data)
+    missing = [m for m in seen["missingModels"] if m.rsplit("/", 1)[-1] not in not_here]
+    assert missing == [], f"the front end reports missing models: {seen['missingModels']}"
     assert_no_alerts(page, f"when {name} was loaded")
     state = page.evaluate(STATE_JS)
     assert sorted(n["type"] for n in state["nodes"]) == sorted(n["type"] for n in data["nodes"])
@@ -465,7 +468,9 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
     live_id = {node_id: got["id"] for node_id, got in loaded.items()}
     for node in data["nodes"]:
         got = loaded[node["id"]]
-        assert got["registered"] and not got["hasErrors"], f"{node['type']} did not load as a real node"
+        # a loader of a NOT_HERE file is flagged by newer front ends (its file is missing): registered is enough
+        flagged_ok = bool(uses_files_not_here({"nodes": [node]}))
+        assert got["registered"] and (flagged_ok or not got["hasErrors"]), f"{node['type']} did not load as a real node"
         names = [w["name"] for w in got["widgets"]]
         for inp in node.get("inputs", []):
             if inp.get("widget"):
@@ -505,7 +510,6 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     assert {v["class_type"] for v in prompt.values()} == {
         n["type"] for n in data["nodes"] if n["type"] not in ("Note", "MarkdownNote")}
-    not_here = uses_files_not_here(data)
     problems = [p for p in prompt_problems(prompt, object_info)
                 if not any(f"= {f!r} is not one of" in p for f in not_here)]
     assert not problems, "the prompt does not match /object_info:\n" + "\n".join(problems)
