@@ -21,6 +21,9 @@ import comfyui_runtime  # noqa: E402
 PACK_MODULE = "comfyui_deradiff"
 
 from standins import STANDIN_DIR, STANDINS, ensure_all_standins, ensure_standin  # noqa: E402,F401
+# The shared ComfyUI server, defined HERE once: a session fixture imported into several test modules
+# is a separate fixture per module, and every copy would keep its own server alive to the end.
+from server_rig import comfy_server  # noqa: E402,F401
 
 
 def load_pack():
@@ -74,3 +77,11 @@ def pytest_report_header(config):
         except ValueError as why:
             line += f"; {why}"
     return line
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """After the last test of a module that used the shared ComfyUI server: free the server's
+    models and node cache (the CI machine has 24 GiB for this process, the server and Chromium)."""
+    server = getattr(item, "funcargs", {}).get("comfy_server")
+    if server is not None and (nextitem is None or nextitem.module is not item.module):
+        server.free()

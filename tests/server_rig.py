@@ -115,6 +115,16 @@ class ServerClient:
         except requests.RequestException:
             pass
 
+    def free(self):
+        """POST /free: ComfyUI unloads every model and drops its node cache before its next prompt
+        (the same as the Manager's "Unload models" / "Free model and node cache" buttons). Called
+        between test modules, so one module's models do not stay resident beside the next one's."""
+        try:
+            self.http.post(self.base + "/free", json={"unload_models": True, "free_memory": True},
+                           timeout=30).raise_for_status()
+        except requests.RequestException:
+            pass
+
     def images(self, entry: dict, node_id: str | None = None) -> list[Path]:
         """Paths of the images a history entry's output nodes saved (type 'output')."""
         paths = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server_rig import comfy_server  # noqa: F401  (fixture)
 
 # family -> (reference file, aligned file, conditioning family, latent channels, cfg, guidance)
 FAMILIES = {

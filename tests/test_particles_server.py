@@ -4,7 +4,7 @@ particles = 2 in a graph on the stand-in models, the ESS summary reaches the nod
 deterministic sampler is refused with the node and input named."""
 from __future__ import annotations
 
-from server_rig import comfy_server, error_message, status_of  # noqa: F401  (fixture)
+from server_rig import error_message, status_of
 from test_server import (SD15_ALIGNED_CKPT, SD15_REF, STEPS, CFG, SEED, Graph, assert_not_flat, deradiff_ksampler,
                          empty_latent, encode_pair, load_pair, one_image, out, save)
 

@@ -39,7 +39,7 @@ import pytest
 import torch
 
 from conftest import REPO, STANDIN_DIR
-from server_rig import comfy_server, status_messages, status_of  # noqa: F401  (fixture)
+from server_rig import status_messages, status_of
 from test_server import (CFG, PACK_NODES, SD15_LORA, SD15_REF, SDXL_ALIGNED_UNET, SDXL_REF, Graph, encode_pair,
                          empty_latent, ksampler, load_checkpoint, load_pair, out, saved_latent)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server_rig import comfy_server, error_message, status_of  # noqa: F401  (fixture)
+from server_rig import error_message, status_of
 from test_rewards import write_aesthetic_head, write_clip_folder
 from test_server import (SD15_ALIGNED_CKPT, SD15_REF, SEED, Graph, empty_latent, load_pair, one_image, out,
                          assert_not_flat)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import STANDIN_DIR
-from server_rig import PACK_DIR_NAME, comfy_server, status_messages, status_of  # noqa: F401  (fixture)
+from server_rig import PACK_DIR_NAME, status_messages, status_of
 
 PACK_NODES = {
     "DeRaDiffLoadAlignedPair": "Load Aligned Model Pair (DeRaDiff)",
