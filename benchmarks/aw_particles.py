@@ -208,7 +208,32 @@ def render(res, command: str) -> str:
         ess = " / ".join(f"{r[f'p{n}']['mean_ess']:.1f}" for n in ns)
         lines.append(f"| {r['world']} | {r['lam']:g} | {r['se']:.3f} | {r['scratch']['err']:+.3f} | "
                      f"{r['plain']['err']:+.3f} | " + " | ".join(errs) + f" | {tv} | {sw} | {ess} |")
+    checks = bar_checks(res)
+    if checks:
+        lines += ["", "Against the issue's bar (hard world; λ < 1: N = 8 within 1.3x the from-scratch error or "
+                  "2 SE of exact; λ > 1: N = 32 at most half the DeRaDiff error):", ""]
+        lines += [f"- λ = {lam:g}: {text}" for lam, text in checks]
     return "\n".join(lines) + "\n"
+
+
+def bar_checks(res) -> list:
+    """(λ, verdict) for every hard-world row whose bar this run measured."""
+    ns = res["config"]["particles"]
+    out = []
+    for r in res["rows"]:
+        if r["world"] != "hard":
+            continue
+        scratch, plain = abs(r["scratch"]["err"]), abs(r["plain"]["err"])
+        if r["lam"] < 1 and 8 in ns:
+            got = abs(r["p8"]["err"])
+            ok = got <= 1.3 * scratch or got <= 2 * r["se"]
+            out.append((r["lam"], f"N=8 |err| {got:.3f} vs 1.3x scratch {1.3 * scratch:.3f}, 2 SE {2 * r['se']:.3f}: "
+                                  + ("met" if ok else "NOT met")))
+        elif r["lam"] > 1 and 32 in ns:
+            got = abs(r["p32"]["err"])
+            out.append((r["lam"], f"N=32 |err| {got:.3f} vs half of DeRaDiff's {plain / 2:.3f}: "
+                                  + ("met" if got <= plain / 2 else "NOT met")))
+    return out
 
 
 def main(argv=None):
@@ -219,6 +244,11 @@ def main(argv=None):
     ap.add_argument("--no-steering", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lambdas", type=float, nargs="*")
+    ap.add_argument("--particles", type=int, nargs="*")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--resample-below", type=float)
+    ap.add_argument("--seed", type=int)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TINY if args.tiny else Config()
@@ -228,6 +258,12 @@ def main(argv=None):
         cfg = replace(cfg, worlds=tuple(args.worlds))
     if args.no_steering:
         cfg = replace(cfg, reward_steering=False)
+    for key in ("lambdas", "particles"):
+        if getattr(args, key):
+            cfg = replace(cfg, **{key: tuple(getattr(args, key))})
+    for key in ("steps", "resample_below", "seed"):
+        if getattr(args, key) is not None:
+            cfg = replace(cfg, **{key: getattr(args, key)})
     pack = setup()
     res = run(cfg, pack)
     command = "python benchmarks/aw_particles.py" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))

@@ -11,6 +11,7 @@ from ..sampler.search_run import (ImageSearchSetup, load_comfy_reward_model, reg
                                   reward_head_files, reward_path, run_search)
 from .common import (CATEGORY, PAIR_INPUT, NodeInputError, check_conditioning, check_latent, check_number,
                      check_pair, sampler_inputs)
+from .particle_inputs import PARTICLES_INPUT, RESAMPLE_ESS_INPUT, check_particles
 
 register_reward_folder()  # before INPUT_TYPES lists it
 
@@ -123,6 +124,17 @@ class DeRaDiffRewardScore:
         return {"ui": {"text": [summary]}, "result": (scores, summary)}
 
 
+def particle_summary(particles: int, ess: dict) -> str:
+    """One line over every particle run of a search: the lowest ESS, and how many runs collapsed."""
+    runs = [r for per_lam in ess.values() for r in per_lam if r["weighted_steps"]]
+    if not runs:
+        return f"{particles} particles per image: weights uniform (λ = 0 or 1 only)"
+    collapsed = sum(r["min_ess"] < 1.5 for r in runs)
+    return (f"{particles} particles per image: ESS min {min(r['min_ess'] for r in runs):.1f}, mean "
+            f"{sum(r['mean_ess'] for r in runs) / len(runs):.1f} over {len(runs)} runs"
+            + (f"; weights collapsed in {collapsed}" if collapsed else ""))
+
+
 def _search_inputs():
     shared = sampler_inputs()
     return {k: shared[k] for k in ("seed", "steps", "cfg", "sampler_name", "scheduler")}
@@ -177,13 +189,25 @@ class DeRaDiffLambdaSearch:
                                    "(the editor fills it in), or none."}),
                 "max_lambdas_per_pass": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip":
                                                  "As in λ Sweep: 0 = as many λ per model call as fit in memory."}),
+                "particles": (PARTICLES_INPUT[0], dict(PARTICLES_INPUT[1], tooltip=(
+                    "Particle realignment for every evaluated λ (as on DeRaDiff KSampler): each λ is sampled by "
+                    "N particles per image and the reward is scored on the drawn particle, so the score belongs to "
+                    "the model aligned at β/λ rather than to the plain mix's approximation of it (which misplaces "
+                    "mode weights when alignment reweights separate modes). Costs N times the model calls, and λ "
+                    "values run one at a time instead of batched. Needs euler_ancestral or ddpm. 1 = off."))),
+                "resample_ess": RESAMPLE_ESS_INPUT,
             },
         }
 
     def search(self, pair, clip, vae, reward_model, prompts, negative, latent_image, seed, steps, cfg, sampler_name,
                scheduler, lambda_min, lambda_max, budget, lambdas_per_round, watch_reward_model=None, beta=0.0,
-               max_lambdas_per_pass=0):
+               max_lambdas_per_pass=0, **kwargs):
         check_pair(self.NODE, pair)
+        particles, resample_below = check_particles(self.NODE, kwargs)
+        if particles > 1:
+            from ..sampler.particle_sampler import STOCHASTIC, refuse_sampler
+            if sampler_name not in STOCHASTIC:
+                refuse_sampler(self.NODE, sampler_name)
         lambda_min = check_number(self.NODE, "lambda_min", lambda_min, 0.0)
         lambda_max = check_number(self.NODE, "lambda_max", lambda_max, 0.0)
         cfg = check_number(self.NODE, "cfg", cfg)
@@ -201,7 +225,8 @@ class DeRaDiffLambdaSearch:
         import nodes as comfy_nodes  # ComfyUI's own text encoding, as CLIPTextEncode does it
         positives = [comfy_nodes.CLIPTextEncode().encode(clip, text)[0] for text in lines]
         setup = ImageSearchSetup(pair, lines, positives, negative, latent_image, seed, steps, cfg, sampler_name,
-                                 scheduler, vae, reward_model, watch_reward_model, max_lambdas_per_pass, int(budget))
+                                 scheduler, vae, reward_model, watch_reward_model, max_lambdas_per_pass, int(budget),
+                                 particles, resample_below, self.NODE)
         search = LambdaSearch(float(lambda_min), float(lambda_max), int(budget), int(lambdas_per_round),
                               initial=min(4, int(budget)))
         result = run_search(search, setup.evaluate)
@@ -211,6 +236,8 @@ class DeRaDiffLambdaSearch:
         text = f"best λ = {result.best_lambda:.4g} (predicted mean {result.best_mean:.4g})"
         if beta:
             text += f", emulating β/λ = {fmt_number(beta / result.best_lambda) if result.best_lambda else '∞'}"
+        if particles > 1:
+            text += "\n" + particle_summary(particles, setup.ess)
         return {"ui": {"text": [text + "\n" + table]},
                 "result": (result.best_lambda, plot, best_images, table)}
 

@@ -147,6 +147,10 @@ class ImageSearchSetup:
     watch: ComfyRewardModel | None = None
     max_per_pass: int = 0
     budget: int = 0  # λ evaluations in all: sizes the one progress bar
+    particles: int = 1  # > 1: every λ sampled by the particle mode (one λ per run, N particles per image)
+    resample_below: float = 0.5
+    node: str = "DeRaDiff λ Search"
+    ess: dict = field(default_factory=dict)  # λ -> the particle runs' ESS summaries
     latents: dict = field(default_factory=dict)  # λ -> sampled latents, prompt-major
     _done: int = 0  # progress units (one per λ, prompt and step) finished
     _progress: object = None
@@ -165,13 +169,29 @@ class ImageSearchSetup:
             update(min(total, base + (step + 1) * span // max(1, sweep_total)) - 1, x0, x, total)
         return callback
 
+    def _sample(self, lams: list[float], positive, progress: bool = True) -> torch.Tensor:
+        """Every λ of ``lams`` for one prompt, λ-major: one batched sweep, or with particles one
+        particle run per λ (the weights need one λ per run)."""
+        if self.particles <= 1:
+            return lambda_sweep(self.pair, lams, self.seed, self.steps, self.cfg, self.sampler_name, self.scheduler,
+                                positive, self.negative, self.latent, 1.0, self.max_per_pass,
+                                callback=self._callback(len(lams)) if progress else None)["samples"]
+        from .particle_sampler import particle_ksampler
+        parts = []
+        for lam in lams:
+            out, state = particle_ksampler(self.pair, lam, self.seed, self.steps, self.cfg, self.sampler_name,
+                                           self.scheduler, positive, self.negative, self.latent, 1.0, self.particles,
+                                           self.resample_below, self.node,
+                                           callback=self._callback(1) if progress else (lambda *a: None))
+            self.ess.setdefault(lam, []).append(state.summary())
+            parts.append(out["samples"])
+        return torch.cat(parts)
+
     def evaluate(self, lams: list[float]) -> list[Evaluation]:
         seeds = self.latent["samples"].shape[0]
         per_lambda = {lam: ([], [] if self.watch else None, []) for lam in lams}
         for prompt, positive in zip(self.prompts, self.positives):
-            out = lambda_sweep(self.pair, lams, self.seed, self.steps, self.cfg, self.sampler_name, self.scheduler,
-                               positive, self.negative, self.latent, 1.0, self.max_per_pass,
-                               callback=self._callback(len(lams)))["samples"]
+            out = self._sample(lams, positive)
             images = decode(self.vae, out)
             texts = [prompt] * images.shape[0]
             scores = self.reward.score(images, texts).tolist()
@@ -190,9 +210,7 @@ class ImageSearchSetup:
         """Every prompt × seed at λ (sampled again unless λ was evaluated)."""
         samples = self.latents.get(lam)
         if samples is None:
-            parts = [lambda_sweep(self.pair, [lam], self.seed, self.steps, self.cfg, self.sampler_name, self.scheduler,
-                                  positive, self.negative, self.latent, 1.0, self.max_per_pass)["samples"]
-                     for positive in self.positives]
+            parts = [self._sample([lam], positive, progress=False) for positive in self.positives]
             samples = torch.cat([p.cpu() for p in parts])
         return decode(self.vae, samples)
 

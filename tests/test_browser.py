@@ -723,3 +723,45 @@ def test_workflow_saved_before_full_pass_every_loads_with_its_default(ui, server
     assert inputs.get("full_pass_every", 1) == 1 and inputs["denoise"] == 1
     assert not prompt_problems(prompt, object_info)
     assert console.errors() == [], console.errors()
+
+
+def test_particle_mode_shows_the_ess_on_the_node(ui, server):
+    """particles > 1: after a run the KSampler's info line gains the ESS summary the server sent
+    (ui output ``deradiff_particles``), and a later run with particles = 1 removes it."""
+    page, console = ui
+    console.mark()
+    page.evaluate(CLOSE_ALERTS_JS, DIALOG)
+    name = "deradiff_sd15_dpo"
+    data = json.loads((EXAMPLES / f"{name}.json").read_text())
+    load_example(page, name)
+    page.wait_for_timeout(500)
+    state = page.evaluate(STATE_JS)
+    live_id = {node_id: got["id"] for node_id, got in match_nodes(data["nodes"], state["nodes"]).items()}
+    sampler = live_id[node_of(data, "DeRaDiffKSampler")[0]["id"]]
+    before = page.evaluate(INFO_BOX_JS)[0]["text"]
+    assert "particles" not in before, before
+    page.evaluate(SHRINK_JS, [RUN_SIZE, RUN_STEPS])
+    page.evaluate(SET_WIDGET_JS, [sampler, "sampler_name", "euler_ancestral"])
+    page.evaluate(SET_WIDGET_JS, [sampler, "particles", 3])
+
+    def run():
+        with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST",
+                                  timeout=60_000) as response:
+            page.locator("button:has-text('Run')").first.click()
+        assert response.value.status == 200, response.value.text()
+        entry = server.wait(response.value.json()["prompt_id"], timeout=600)
+        assert entry["status"].get("status_str") == "success", json.dumps(entry["status"])[:2000]
+        return entry["outputs"].get(str(sampler), {})
+
+    sent = run().get("deradiff_particles", [None])[0]
+    assert sent and sent.startswith("3 particles: ESS min "), sent
+    page.wait_for_function("(t) => [...document.querySelectorAll('.deradiff-beta')].some((e) => e.textContent.endsWith(t))",
+                           arg=" · " + sent, timeout=30_000)
+    texts = [b["text"] for b in page.evaluate(INFO_BOX_JS)]
+    assert any(t == before + " · " + sent for t in texts), (before, sent, texts)
+    # back to one particle: the summary goes away after the next run
+    page.evaluate(SET_WIDGET_JS, [sampler, "particles", 1])
+    assert "deradiff_particles" not in run()
+    page.wait_for_function("(b) => [...document.querySelectorAll('.deradiff-beta')].some((e) => e.textContent === b)",
+                           arg=before, timeout=30_000)
+    assert console.errors() == [], console.errors()

@@ -184,3 +184,43 @@ def test_lambda_search_node_on_sd15(pack, comfy, reward_dir):
                     float("nan"), 1.0, 5, 2)
     with pytest.raises(errors, match="input 'prompts'"):
         node.search(pair, clip, vae, reward, " \n ", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal", 0.0, 1.0, 5, 2)
+
+
+def test_lambda_search_with_particles(pack, comfy, reward_dir):
+    """particles > 1: every evaluated λ is the particle mode's output for that λ (the same latents as
+    DeRaDiff KSampler with the same particles, seed and settings), the reward is scored on them, the
+    node reports the ESS; a deterministic sampler is refused naming the node and input."""
+    from comfy_helpers import encode, load_checkpoint
+    ref, clip, vae = load_checkpoint("sd15_reference.safetensors")
+    aligned = load_checkpoint("sd15_aligned.safetensors")[0]
+    pair = pack.nodes.DeRaDiffMakePair().make(ref, aligned, 5000.0)[0]
+    reward = pack.nodes.DeRaDiffLoadRewardModel().load("clip_score", "tiny-clip")[0]
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    negative, positive = encode(clip, "blurry"), encode(clip, "a red fox")
+    run = sys.modules[f"{pack.__name__}.sampler.search_run"]
+    setup = run.ImageSearchSetup(pair, ["a red fox"], [positive], negative, latent, 3, 2, 5.0, "euler_ancestral",
+                                 "normal", vae, reward, budget=2, particles=3)
+    done = setup.evaluate([0.5, 1.5])
+    ksampler = pack.nodes.DeRaDiffKSampler()
+    for e in done:
+        want = ksampler.sample(pair, 3, 2, 5.0, "euler_ancestral", "normal", positive, negative, latent,
+                               **{"lambda": e.lam, "particles": 3})["result"][0]["samples"]
+        assert torch.equal(setup.latents[e.lam], want.cpu()), e.lam
+        images = run.decode(vae, want)
+        assert e.scores == pytest.approx(reward.score(images, ["a red fox"] * 2).tolist())
+        assert [s["weighted_steps"] for s in setup.ess[e.lam]] == [1]  # euler_ancestral, 2 steps: one noisy step
+    node = pack.nodes.DeRaDiffLambdaSearch()
+    out = node.search(pair, clip, vae, reward, "a red fox", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal",
+                      0.0, 2.0, 3, 2, particles=2)
+    assert 0.0 <= out["result"][0] <= 2.0
+    assert "2 particles per image: ESS min" in out["ui"]["text"][0], out["ui"]["text"][0]
+    errors = pack.nodes.common.NodeInputError
+    with pytest.raises(ValueError, match="DeRaDiff λ Search: input 'sampler_name'.*stochastic"):
+        node.search(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "euler", "normal", 0.0, 2.0, 3, 2,
+                    particles=2)
+    with pytest.raises(errors, match="DeRaDiff λ Search: input 'particles'"):
+        node.search(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal", 0.0, 2.0,
+                    3, 2, particles=0)
+    with pytest.raises(errors, match="DeRaDiff λ Search: input 'resample_ess'"):
+        node.search(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal", 0.0, 2.0,
+                    3, 2, particles=2, resample_ess=1.5)

@@ -148,3 +148,23 @@ def test_state_resamples_only_below_the_threshold_and_records_ess():
     assert state.summary()["resamples"] == 1 and "collapsed" in state.summary_text()
     never = P.ParticleState(4, seed=0, resample_below=0.0)
     assert never.update(inc, 4.0) is None
+
+
+def test_benchmark_bar_checks_read_the_right_columns():
+    """benchmarks/aw_particles.py's verdict against the issue's bar: λ < 1 compares N = 8 with 1.3x the
+    from-scratch error and 2 SE; λ > 1 compares N = 32 with half the plain error; the ring world is not judged."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import aw_particles as ap
+
+    def row(world, lam, scratch, plain, p8, p32, se=0.01):
+        return {"world": world, "lam": lam, "se": se, "scratch": {"err": scratch}, "plain": {"err": plain},
+                "p8": {"err": p8}, "p32": {"err": p32}}
+    res = {"config": {"particles": [8, 32]}, "rows": [
+        row("hard", 0.5, 0.02, -0.4, 0.025, 0.09),    # 0.025 <= 1.3 * 0.02
+        row("hard", 0.25, 0.01, -0.6, -0.05, 0.0),    # 0.05 > 0.013 and > 2 SE
+        row("hard", 0.25, 0.001, -0.6, -0.019, 0.0),  # within 2 SE (0.02)
+        row("hard", 1.5, 0.01, 0.1, 0.0, 0.06),       # 0.06 > 0.05
+        row("hard", 3.0, 0.01, 0.1, 0.5, -0.04),      # |−0.04| <= 0.05
+        row("ring", 0.5, 0.0, 0.1, 0.5, 0.5)]}
+    verdicts = [(lam, text.endswith(": met")) for lam, text in ap.bar_checks(res)]
+    assert verdicts == [(0.5, True), (0.25, False), (0.25, True), (1.5, False), (3.0, True)]
