@@ -183,9 +183,9 @@ app.registerExtension({
   name: "DeRaDiff.EmulatedBeta",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const name = nodeData.name;
-    if (nodeData.input?.optional?.full_pass_every) {
-      // Workflows saved before full_pass_every existed hold the info box's value where it now sits
-      // (widgets load by position): such a value is not a step count, so it becomes the default.
+    if (nodeData.input?.optional?.full_pass_every || nodeData.input?.optional?.particles) {
+      // Workflows saved before full_pass_every / particles existed hold the info or summary box's value
+      // where they now sit (widgets load by position): such a value is not a count, so it becomes the default.
       chain(nodeType.prototype, "onConfigure", function () {
         const w = widget(this, "full_pass_every");
         const v = Number(w?.value);

@@ -765,3 +765,37 @@ def test_particle_mode_shows_the_ess_on_the_node(ui, server):
     page.wait_for_function("(b) => [...document.querySelectorAll('.deradiff-beta')].some((e) => e.textContent === b)",
                            arg=before, timeout=30_000)
     assert console.errors() == [], console.errors()
+
+
+def test_lambda_search_saved_before_particles_loads_with_its_defaults(ui, server, object_info):
+    """The same for λ Search, whose optional particles / resample_ess came after its summary box's
+    value was first saved: an old workflow loads with particles = 1 and resample_ess = 0.5."""
+    page, console = ui
+    console.mark()
+    page.evaluate(CLOSE_ALERTS_JS, DIALOG)
+    name = "deradiff_lambda_search"
+    old = json.loads((EXAMPLES / f"{name}.json").read_text())
+    search = node_of(old, "DeRaDiffLambdaSearch")[0]
+    optional = object_info["DeRaDiffLambdaSearch"]["input_order"].get("optional", [])
+    later = optional[optional.index("particles"):]
+    assert search["widgets_values"][-1] == ""
+    kept = search["widgets_values"][:-1 - len(later)]
+    search["widgets_values"] = kept + [""]
+    search["inputs"] = [i for i in search["inputs"] if i["name"] not in later]
+    page.evaluate(DROP_JS, [name + "_old", json.dumps(old)])
+    page.wait_for_timeout(500)
+    got = next(n for n in page.evaluate(STATE_JS)["nodes"] if n["type"] == "DeRaDiffLambdaSearch")
+    widgets = {w["name"]: w["value"] for w in got["widgets"]}
+    assert widgets["particles"] == 1 and widgets["resample_ess"] == 0.5, widgets
+    # every other widget as the current file loads it
+    load_example(page, name)
+    page.wait_for_timeout(500)
+    now = next(n for n in page.evaluate(STATE_JS)["nodes"] if n["type"] == "DeRaDiffLambdaSearch")
+    assert {w["name"]: w["value"] for w in now["widgets"]} == widgets
+    page.evaluate(DROP_JS, [name + "_old", json.dumps(old)])
+    page.wait_for_timeout(500)
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    inputs = next(v["inputs"] for v in prompt.values() if v["class_type"] == "DeRaDiffLambdaSearch")
+    assert inputs.get("particles", 1) == 1 and inputs.get("resample_ess", 0.5) == 0.5
+    assert not prompt_problems(prompt, object_info)
+    assert console.errors() == [], console.errors()
