@@ -165,6 +165,7 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
                                         callback, disable_pbar, seed, *args, **kwargs)
         if self.aligned_patcher is None:  # shared weights: same BaseModel and conds as the reference
             shared = self.aligned_side.shared
+            shared.cache_until_cleanup(self.model_patcher)  # the run's cleanup drops the cached factors
             self._aligned_run = _AlignedRun(None, None, aligned_model_options(
                 self.pair.aligned, sigmas, device, self.model_patcher.model_dtype()), shared)
             self._fuse = can_fuse(self.pair, self.aligned_side) and fits_twice(self.model_patcher.model, noise.shape, device)

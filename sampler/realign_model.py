@@ -204,6 +204,9 @@ def realigned_model(pair, lam, full_pass_every=1):
                                     lambda patcher: aligned.pre_run())
         model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ALIGNED_KEY,
                                     lambda patcher: aligned.cleanup())
+    if side.shared is not None:  # cache the LoRA factors for each run of this MODEL; its cleanup drops them
+        model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, ALIGNED_KEY + "_cache",
+                                    side.shared.cache_until_cleanup)
     function = RealignedCalcCondBatch(pair, side, schedule, model, full_pass_every)
     model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, ALIGNED_KEY + "_report",
                                 function.report_unshared)

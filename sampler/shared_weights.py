@@ -256,6 +256,7 @@ class SharedWeightDelta:
         self.patches = delta_patches(reference, aligned)
         self.weight_patches = []  # (module, "weight_function" | "bias_function", _OutOfPlaceWeightPatch)
         self.low_rank = []  # (module, _LowRankHook)
+        self._caching = False  # set by cache_until_cleanup for the length of one run
         model = reference.model
         for key in self.patches:
             module_path, _, attr = key.rpartition(".")
@@ -321,18 +322,20 @@ class SharedWeightDelta:
             handle.remove()
             self._fused = self._batch = None
 
-    def _cache_for_this_run(self):
-        """Let the LoRA hooks keep their device copies until the running patcher's cleanup."""
-        patcher = getattr(self.model, "current_patcher", None)
-        if patcher is None or not hasattr(patcher, "add_callback_with_key"):
-            return False
+    def cache_until_cleanup(self, patcher):
+        """Let the LoRA hooks keep their device copies while ``patcher`` runs (the MODEL the
+        guider or Realign Model samples with); its ON_CLEANUP callback drops them at the run's end.
+        Outside such a run the hooks cast their factors per call and keep nothing."""
+        if not self.low_rank or not hasattr(patcher, "add_callback_with_key"):
+            return
         kind = comfy.patcher_extension.CallbacksMP.ON_CLEANUP
         if not any(cb == self.release for cb in patcher.get_all_callbacks(kind)):
             patcher.add_callback_with_key(kind, _CLEANUP_KEY, self.release)
-        return True
+        self._caching = True
 
     def release(self, *_patcher):
         """Drop every device copy of the LoRA factors (ON_CLEANUP callback)."""
+        self._caching = False
         for _, hook in self.low_rank:
             hook.caching = False
             hook.release()
@@ -343,7 +346,7 @@ class SharedWeightDelta:
     def __enter__(self):
         for module, slot, fn in self.weight_patches:  # a new list: never the class-level default
             setattr(module, slot, list(getattr(module, slot)) + [fn])
-        caching = bool(self.low_rank) and self._cache_for_this_run()
+        caching = bool(self.low_rank) and self._caching
         for _, hook in self.low_rank:
             hook.caching = caching
         self._handles = [module.register_forward_hook(hook) for module, hook in self.low_rank]

@@ -184,3 +184,34 @@ def test_weight_difference_file_uses_the_weight_space_path(comfy, sd15, pack, tm
     merged_pair = pack.nodes.DeRaDiffMakePair().make(pair.reference, merged)[0]
     for lam in (0.5, 1.5):
         close(realign(pack, pair, lam, sd15), realign(pack, merged_pair, lam, sd15))
+
+
+@pytest.mark.parametrize("path", ["ksampler", "realign_model"])
+def test_lora_factors_are_cached_during_a_run_and_dropped_by_its_cleanup(comfy, sd15, pack, monkeypatch, path):
+    """The LoRA hooks keep device copies of their factors only while a run of the guider (or of the
+    Realign Model's MODEL) lasts: the patcher's ON_CLEANUP callback drops them; outside a run
+    ``with delta:`` caches nothing."""
+    import nodes
+    pair, _, _ = pack.nodes.DeRaDiffLoadAlignedPair().load("sd15_reference.safetensors",
+                                                           "loras/sd15_aligned_lora.safetensors", 0.0, 0.8)
+    shared = pair.aligned_side().shared
+    assert shared is not None and shared.low_rank
+    seen = []
+    exit_ = type(shared).__exit__
+
+    def recording_exit(self, *exc):
+        seen.append(self.cached_tensors())
+        return exit_(self, *exc)
+    monkeypatch.setattr(type(shared), "__exit__", recording_exit)
+    if path == "ksampler":
+        realign(pack, pair, 0.5, sd15)
+    else:
+        model = pack.nodes.DeRaDiffRealignModel().realign(pair, **{"lambda": 0.5})[0]
+        nodes.KSampler().sample(model, 5, 3, 5.0, "euler", "normal", sd15["pos"], sd15["neg"], sd15["latent"])
+    assert seen and max(seen) > 0, seen  # cached while the run lasted
+    assert shared.cached_tensors() == 0  # dropped by the run's cleanup
+    seen.clear()
+    x = torch.zeros(1, 4, 8, 8)
+    with shared:  # outside a run: nothing is kept
+        pair.reference.model.diffusion_model(x, torch.tensor([1.0]), context=torch.zeros(1, 77, 768))
+    assert seen == [0]
