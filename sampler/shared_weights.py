@@ -346,9 +346,8 @@ class SharedWeightDelta:
     def __enter__(self):
         for module, slot, fn in self.weight_patches:  # a new list: never the class-level default
             setattr(module, slot, list(getattr(module, slot)) + [fn])
-        caching = bool(self.low_rank) and self._caching
         for _, hook in self.low_rank:
-            hook.caching = caching
+            hook.caching = self._caching  # set only while a run that will clean up is on
         self._handles = [module.register_forward_hook(hook) for module, hook in self.low_rank]
         return self
 

@@ -274,6 +274,15 @@ def assert_no_alerts(page, when):
 
 # -- helpers -------------------------------------------------------------------------------
 
+def run_in_browser(page, server) -> dict:
+    """Presses the front end's Run button; the /history entry of the prompt it queued, once finished."""
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST",
+                              timeout=60_000) as response:
+        page.locator("button:has-text('Run')").first.click()
+    assert response.value.status == 200, response.value.text()
+    return server.wait(response.value.json()["prompt_id"], timeout=600)
+
+
 def load_example(page, name):
     return page.evaluate(DROP_JS, [name, (EXAMPLES / f"{name}.json").read_text()])
 
@@ -525,12 +534,7 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
     # 4. run it, small
     page.evaluate(SHRINK_JS, [RUN_SIZE, RUN_STEPS])
     t0 = time.monotonic()
-    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST",
-                              timeout=60_000) as response:
-        page.locator("button:has-text('Run')").first.click()
-    assert response.value.status == 200, response.value.text()
-    prompt_id = response.value.json()["prompt_id"]
-    entry = server.wait(prompt_id, timeout=600)
+    entry = run_in_browser(page, server)
     run_s = time.monotonic() - t0
     status = entry["status"]
     assert status.get("status_str") == "success", f"{name} failed: {json.dumps(status)[:2000]}"
@@ -745,11 +749,7 @@ def test_particle_mode_shows_the_ess_on_the_node(ui, server):
     page.evaluate(SET_WIDGET_JS, [sampler, "particles", 3])
 
     def run():
-        with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST",
-                                  timeout=60_000) as response:
-            page.locator("button:has-text('Run')").first.click()
-        assert response.value.status == 200, response.value.text()
-        entry = server.wait(response.value.json()["prompt_id"], timeout=600)
+        entry = run_in_browser(page, server)
         assert entry["status"].get("status_str") == "success", json.dumps(entry["status"])[:2000]
         return entry["outputs"].get(str(sampler), {})
 
@@ -782,18 +782,16 @@ def test_lambda_search_saved_before_particles_loads_with_its_defaults(ui, server
     kept = search["widgets_values"][:-1 - len(later)]
     search["widgets_values"] = kept + [""]
     search["inputs"] = [i for i in search["inputs"] if i["name"] not in later]
-    page.evaluate(DROP_JS, [name + "_old", json.dumps(old)])
-    page.wait_for_timeout(500)
-    got = next(n for n in page.evaluate(STATE_JS)["nodes"] if n["type"] == "DeRaDiffLambdaSearch")
-    widgets = {w["name"]: w["value"] for w in got["widgets"]}
-    assert widgets["particles"] == 1 and widgets["resample_ess"] == 0.5, widgets
-    # every other widget as the current file loads it
+    def search_widgets():
+        page.wait_for_timeout(500)
+        got = next(n for n in page.evaluate(STATE_JS)["nodes"] if n["type"] == "DeRaDiffLambdaSearch")
+        return {w["name"]: w["value"] for w in got["widgets"]}
     load_example(page, name)
-    page.wait_for_timeout(500)
-    now = next(n for n in page.evaluate(STATE_JS)["nodes"] if n["type"] == "DeRaDiffLambdaSearch")
-    assert {w["name"]: w["value"] for w in now["widgets"]} == widgets
+    current = search_widgets()
     page.evaluate(DROP_JS, [name + "_old", json.dumps(old)])
-    page.wait_for_timeout(500)
+    widgets = search_widgets()
+    assert widgets["particles"] == 1 and widgets["resample_ess"] == 0.5, widgets
+    assert widgets == current  # every other widget as the current file loads it
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     inputs = next(v["inputs"] for v in prompt.values() if v["class_type"] == "DeRaDiffLambdaSearch")
     assert inputs.get("particles", 1) == 1 and inputs.get("resample_ess", 0.5) == 0.5
