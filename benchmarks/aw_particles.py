@@ -249,6 +249,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int)
     ap.add_argument("--resample-below", type=float)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--sampler", choices=("euler_ancestral", "ddpm"))
+    ap.add_argument("--scheduler")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TINY if args.tiny else Config()
@@ -261,7 +263,7 @@ def main(argv=None):
     for key in ("lambdas", "particles"):
         if getattr(args, key):
             cfg = replace(cfg, **{key: tuple(getattr(args, key))})
-    for key in ("steps", "resample_below", "seed"):
+    for key in ("steps", "resample_below", "seed", "sampler", "scheduler"):
         if getattr(args, key) is not None:
             cfg = replace(cfg, **{key: getattr(args, key)})
     pack = setup()

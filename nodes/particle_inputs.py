@@ -11,7 +11,7 @@ PARTICLES_INPUT = ("INT", {
                "closed-form normaliser the per-step mix drops, resample when the effective sample size (ESS) is "
                "low, and return one particle per image, drawn with the final weights. Corrects the mode weights "
                "the plain mix gets wrong when alignment reweights separate modes. Costs N times the model calls "
-               "and N times the memory. Needs euler_ancestral or ddpm. 1 = plain DeRaDiff (unchanged). "
+               "and N times the memory. Needs euler_ancestral (eta 1, s_noise 1) or ddpm. 1 = plain DeRaDiff (unchanged). "
                "Weights can collapse in high dimension: in a test world where the two models disagree "
                "independently all over the latent, the ESS fell to 1 within the first steps (then the mode only "
                "selects greedily); the node shows the ESS after each run. The weights are exact for the sampler's "

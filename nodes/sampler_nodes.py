@@ -105,6 +105,6 @@ class DeRaDiffGuiderNode:
         guider.set_conds(positive, negative)
         ui = _ui(_ui_text(pair, lam, schedule_text), schedule_text)
         if particles > 1:
-            ui["deradiff_particles"] = [f"{particles} particles per image (needs an euler_ancestral or ddpm "
-                                        "SAMPLER); ESS in the log"]
+            ui["deradiff_particles"] = [f"{particles} particles per image (needs an euler_ancestral SAMPLER "
+                                        "with eta 1 and s_noise 1, or ddpm); ESS in the log"]
         return {"ui": ui, "result": (guider,)}

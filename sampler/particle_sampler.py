@@ -46,6 +46,20 @@ def refuse_sampler(node: str, sampler_name: str, input_name: str = "sampler_name
         "euler_ancestral or ddpm, or set particles to 1."))
 
 
+def check_full_noise(node: str, options: dict):
+    """The weights need every step to be the models' reverse-SDE step (eta = 1, s_noise = 1): only then is
+    the aligned model's path the reference's tilted by exp(r/β), so that the geometric mixture of the two
+    paths is the model aligned at β/λ. With eta < 1 part of each step is deterministic and the mixture of
+    the paths is not that model (at eta = 0 the paths are points), so refuse rather than weight wrongly."""
+    eta, s_noise = float(options.get("eta", 1.0)), float(options.get("s_noise", 1.0))
+    if eta != 1.0 or s_noise != 1.0:
+        raise ParticleModeError(node, "particles", (
+            f"particles > 1 needs the full ancestral noise (eta = 1, s_noise = 1); the SAMPLER has eta = {eta:g}, "
+            f"s_noise = {s_noise:g}. The particle weights target the model aligned at β/λ only when each step "
+            "adds the reverse process's full noise. Set eta and s_noise to 1 on the sampler node, or set "
+            "particles to 1."))
+
+
 def kernel_of(sampler):
     """('euler_ancestral' | 'ddpm', extra options) for a SAMPLER ComfyUI made for those kernels, else None."""
     fn = getattr(sampler, "sampler_function", None)
@@ -171,6 +185,7 @@ class ParticleGuider(DeRaDiffGuider):
             name = getattr(getattr(sampler, "sampler_function", None), "__name__", type(sampler).__name__)
             refuse_sampler(self.node, name.replace("sample_", ""), "particles")
         kernel, options = found
+        check_full_noise(self.node, options)
         if getattr(latent_image, "is_nested", False):
             raise ParticleModeError(self.node, "particles", "nested latents (several latent shapes) are not supported")
         b = latent_image.shape[0]

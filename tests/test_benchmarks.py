@@ -24,6 +24,18 @@ def test_bench_sampling_prints_ratios(comfy_root):
     assert float(rows["KSampler (reference only)"]) == 1.0 and all(float(v) > 0 for v in rows.values())
 
 
+def test_particle_weight_rules_study_tiny(tmp_path):
+    """The weight-rule study (pure torch) runs and reports every rule; its plain-DeRaDiff column is the
+    unweighted sampler, so at λ = 0.5 it sits below the weighted rules (they move mass toward the reward)."""
+    import json
+    run("benchmarks/aw_particles_weight_rules.py", "--tiny", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "aw_particles_weight_rules.json").read_text())
+    table = (tmp_path / "aw_particles_weight_rules.md").read_text()
+    assert all(f"{rule} N=4" in table for rule in ("left", "trapezoid", "right"))
+    row = next(r for r in res["rows"] if r["lam"] == 0.5)
+    assert all(row[f"{rule}/4"][0] > row["plain"][0] for rule in ("left", "trapezoid", "right"))
+
+
 def test_bench_gpu_smoke_run_on_the_cpu(comfy_root, tmp_path):
     """The one-command GPU benchmark, in its --quick form on the CPU: every section runs."""
     out = tmp_path / "gpu.md"

@@ -67,6 +67,30 @@ def test_kernel_gains():
     assert P.ddpm_gain(2.0, 0.0) == 0.0 and P.ddpm_gain(2.0, 1.0) > 0
 
 
+@pytest.mark.parametrize("sigma,sigma_next", [(14.6, 13.4), (2.0, 1.0), (0.64, 0.56), (0.036, 0.029)])
+def test_kernel_gain_is_the_integral_of_ds_over_s_squared(sigma, sigma_next):
+    """Both kernels' gain (c/s)² equals ∫ ds/s² over the step (s = σ²), i.e. 1/σ'² - 1/σ²: the weight is
+    the continuous-time -λ(1-λ)/2 ∫ |ΔD|²/s² ds with |ΔD|² frozen at the start of the step (the
+    quadrature benchmarks/aw_particles_weight_rules.py compares with other evaluation points)."""
+    exact = 1.0 / sigma_next ** 2 - 1.0 / sigma ** 2
+    assert P.euler_ancestral_gain(sigma, sigma_next) == pytest.approx(exact, rel=1e-9)
+    assert P.ddpm_gain(sigma, sigma_next) == pytest.approx(exact, rel=1e-9)
+    # eta < 1: less noise, a narrower kernel, a larger factor than the continuous-time weight (the particle
+    # mode refuses eta != 1: sampler/particle_sampler.check_full_noise)
+    assert P.euler_ancestral_gain(sigma, sigma_next, 0.5) > exact
+
+
+def test_trapezoid_weights_integrate_linear_functions_exactly():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import aw_particles_weight_rules as wr
+    s0, s1 = 4.0, 1.0
+    c0, c1 = wr.trapezoid_weights(s0, s1)
+    grid = torch.linspace(s1, s0, 400001, dtype=torch.float64)
+    for f0, f1 in [(1.0, 1.0), (2.0, 0.5), (0.0, 3.0)]:
+        f = f1 + (f0 - f1) * (grid - s1) / (s0 - s1)
+        assert c0 * f0 + c1 * f1 == pytest.approx(float(torch.trapezoid(f / grid ** 2, grid)), rel=1e-7)
+
+
 def test_ess():
     assert torch.allclose(P.ess(torch.zeros(8, 3)), torch.full((3,), 8.0, dtype=torch.float32))
     one_hot = torch.full((8, 1), -1e9)

@@ -181,6 +181,11 @@ def test_refusals_name_node_and_input(pack, ac, hard):
     with pytest.raises(ValueError, match="DeRaDiff Guider: input 'particles'.*'euler'"):
         guider.sample(torch.randn(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), comfy.samplers.sampler_object("euler"),
                       sigmas, seed=1)
+    # SamplerEulerAncestral with less than the full noise: the weights would target the wrong model
+    for options in ({"eta": 0.5}, {"s_noise": 1.2}):
+        sampler = comfy.samplers.ksampler("euler_ancestral", options)
+        with pytest.raises(ValueError, match="DeRaDiff Guider: input 'particles'.*eta = 1, s_noise = 1"):
+            guider.sample(torch.randn(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), sampler, sigmas, seed=1)
 
 
 def test_guider_node_through_a_custom_sampler_equals_the_ksampler_node(pack, ac, hard):
