@@ -9,12 +9,13 @@ The particle mode (sampler/particles.py) weights an Euler-ancestral step σ → 
 
 (the gain of the ancestral kernel is exactly ∫ ds/s² over the step, s = σ²; tests/test_particles.py),
 i.e. the continuous-time weight -λ(1-λ)/2 ∫ |ΔD(x_s, s)|²/s² ds with |ΔD|² frozen at the START of
-the step ("left", what the pack does: the discrete Gaussian chains' exact normaliser). All three rules
-below converge to the same continuous-time weight; they differ in the step-size error:
+the step ("left": the discrete Gaussian chains' exact normaliser, the pack's first rule). All three
+rules converge to the same continuous-time weight; they differ in the step-size error:
 
-- left:  |ΔD|² at (x, σ), the pack's rule;
+- left:  |ΔD|² at (x, σ);
 - trapezoid: |ΔD|² linear in s between the two model calls (x, σ) and (x', σ'), integrated exactly
-  against 1/s² (weights c0, c1 below); the step's increment is known one model call later;
+  against 1/s² (particles.trapezoid_weights); the step's increment is known one model call later.
+  The pack's rule since this study (sampler/particle_sampler.py);
 - right: |ΔD|² at (x', σ'), after the step's noise.
 
 The sampler loop is the pack's Euler-ancestral step on exact world denoisers (float64), one particle
@@ -83,13 +84,6 @@ def karras(steps, sigma_min=0.0291675, sigma_max=14.614642, rho=7.0):
     return torch.cat([s, torch.zeros(1, dtype=F64)]).tolist()
 
 
-def trapezoid_weights(s0: float, s1: float):
-    """(c0, c1) with ∫_{s1}^{s0} f(s)/s² ds = c0·f(s0) + c1·f(s1) exactly for f linear in s (s0 > s1 > 0)."""
-    r = s0 / s1
-    c0 = (math.log(r) - 1.0 + 1.0 / r) / ((r - 1.0) * s1)
-    return c0, (1.0 - 1.0 / r) / s1 - c0
-
-
 def sample(rule, d_ref, d_al, lam, n, points, sigmas, generator, resample_below=0.5, weighted=True):
     """Points [points, 2]: N particles per point under ``rule`` (weighted=False: plain DeRaDiff)."""
     x = torch.randn(n, points, 2, generator=generator, dtype=F64) * math.sqrt(1.0 + sigmas[0] ** 2)
@@ -108,7 +102,7 @@ def sample(rule, d_ref, d_al, lam, n, points, sigmas, generator, resample_below=
                 gain = P.euler_ancestral_gain(sigma, sigma_next)
                 inc = scale * gain * sq if gain > 0 else None
             elif i > 0 and rule == "trapezoid":
-                c0, c1 = trapezoid_weights(sigmas[i - 1] ** 2, sigma ** 2)
+                c0, c1 = P.trapezoid_weights(sigmas[i - 1], sigma)
                 inc = scale * (c0 * previous + c1 * sq)
             elif i > 0 and rule == "right":
                 inc = scale * (1.0 / sigma ** 2 - 1.0 / sigmas[i - 1] ** 2) * sq

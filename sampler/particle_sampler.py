@@ -5,8 +5,9 @@ The math (log Z_t, ESS, resampling, the output draw) is in ``particles.py``. Her
 - ``particle_loop``: ComfyUI's own ``euler_ancestral`` / ``ddpm`` step, line for line (the same
   k-diffusion helpers, same noise sampler, same order), plus a weight step: after the model call
   at x_t it reads both models' predictions from the DeRaDiffGuider's ``prediction_observer``,
-  adds log Z_t to the weights and resamples x_t (and its denoised prediction) when the ESS is low,
-  before the step is taken. Run as a ``comfy.samplers.KSAMPLER``, so noise scaling, inpainting,
+  adds the log-weight of the interval since the previous model call (trapezoid rule over its two
+  ends, particles.interval_log_weight) and resamples x_t (and its denoised prediction) when the
+  ESS is low, before the step is taken. Run as a ``comfy.samplers.KSAMPLER``, so noise scaling, inpainting,
   the progress bar, previews and cancel work as for any sampler.
 - ``ParticleGuider``: a DeRaDiffGuider whose ``sample`` runs N particles per latent (batch N·B,
   particle-major), swaps the SAMPLER it is given for the particle loop of the same kernel (eta,
@@ -23,7 +24,8 @@ import comfy.samplers
 from comfy.k_diffusion import sampling as kds
 
 from .guider import DeRaDiffGuider
-from .particles import GAINS, ParticleState, gather_particles, log_normaliser, pick
+from .particles import (ParticleState, gather_particles, gather_weights, interval_log_weight, pick,
+                        squared_difference)
 
 log = logging.getLogger("DeRaDiff")
 
@@ -81,6 +83,7 @@ def _scalar(lam):
 def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None, *, kernel, state,
                   node="DeRaDiff KSampler", eta=1.0, s_noise=1.0, noise_sampler=None):
     extra_args = {} if extra_args is None else extra_args
+    check_full_noise(node, {"eta": eta, "s_noise": s_noise})
     guider = model.inner_model
     if not hasattr(guider, "prediction_observer"):
         raise ParticleModeError(node, "particles", "particle mode needs the DeRaDiff guider")
@@ -95,26 +98,32 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
     previous = guider.prediction_observer
     guider.prediction_observer = lambda _x, _sigma, d_ref, d_al, lam: seen.append((d_ref, d_al, lam))
     n, site_dims = state.particles, state.site_dims
+    previous = None  # (σ, integrand λ(1-λ)|ΔD|² per particle/site or None) at the previous model call
     try:
         for i in kds.trange(len(sigmas) - 1, disable=disable):
             comfy.model_management.throw_exception_if_processing_interrupted()
             seen.clear()
             denoised = model(x, sigmas[i] * s_in, **extra_args)
-            sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+            sigma = float(sigmas[i])
             if kernel == "euler_ancestral":
                 sigma_down, sigma_up = kds.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
-                gain = GAINS[kernel](sigma, sigma_next, eta, s_noise)
-            else:
-                gain = GAINS[kernel](sigma, sigma_next)
-            if seen and gain > 0 and state.in_window(sigma):
+            current = None
+            if seen and state.in_window(sigma):
                 d_ref, d_al, lam = seen[-1]
                 lam = _scalar(lam)
                 if lam * (1.0 - lam) != 0.0:
-                    inc = log_normaliser(d_ref, d_al, lam, gain, n, site_dims, extra_args.get("denoise_mask"))
-                    ancestors = state.update(inc, sigma)
-                    if ancestors is not None:
-                        x = gather_particles(x, ancestors, site_dims)
-                        denoised = gather_particles(denoised, ancestors, site_dims)
+                    current = lam * (1.0 - lam) * squared_difference(d_ref, d_al, n, site_dims,
+                                                                     extra_args.get("denoise_mask"))
+            # the interval from the previous model call to this one, both ends known now (trapezoid
+            # rule, particles.trapezoid_weights); weighted and resampled before this step is taken
+            inc = interval_log_weight(previous[1], current, previous[0], sigma) if previous else None
+            if inc is not None:
+                ancestors = state.update(inc, sigma)
+                if ancestors is not None:
+                    x = gather_particles(x, ancestors, site_dims)
+                    denoised = gather_particles(denoised, ancestors, site_dims)
+                    current = None if current is None else gather_weights(current, ancestors)
+            previous = (sigma, current)
             if callback is not None:
                 callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
             if kernel == "euler_ancestral":  # ComfyUI's sample_euler_ancestral step

@@ -11,14 +11,20 @@ has the closed-form normaliser
 
 which plain DeRaDiff drops. The geometric mixture of the two PATH distributions is the path
 distribution of the model aligned at β/λ, so carrying Π_t Z_t as an importance weight over N
-particles (sequential Monte Carlo) targets p_(β/λ) itself. Z_t depends on x_t only (not on the
-step's noise), so the weight of a step is known as soon as both predictions at x_t are: the
-sampler weights and, when the effective sample size is low, resamples BEFORE taking the step.
+particles (sequential Monte Carlo) targets p_(β/λ) itself.
 
 For a sampler whose step is x' = a·x + c·D + s·ε (D the mixed denoised prediction, ε ~ N(0, I)),
 μ_ref - μ_al = c·(D_ref - D_al), so log Z_t = -λ(1-λ) · (c/s)² · |D_ref - D_al|² / 2. ``gain``
 below is (c/s)² for each supported kernel. A step with s = 0 (deterministic samplers, the last
 step) has no such factor: weights need a stochastic kernel.
+
+For both supported kernels (with their full noise) the gain is exactly ∫ ds/s² over the step
+(s = σ²), so Π Z_t is the continuous-time weight -λ(1-λ)/2 ∫ |ΔD|²/s² ds with |ΔD|² frozen at the
+start of each step: first order in the step size. The particle loop uses the trapezoid rule
+instead (|ΔD|² linear in s between two model calls, integrated exactly against 1/s²): second
+order, and measured closer to p_(β/λ) overall (benchmarks/aw_particles_weight_rules.py). The
+weight of the interval σ → σ' is known once both predictions at σ' are: the sampler weights and,
+when the effective sample size is low, resamples x_σ' before taking the step from it.
 
 Layout of a particle batch: the sampler's batch is N·B latents, particle-major (rows
 j·B .. j·B+B-1 are particle j of images 0..B-1), so a conditioning batch of B tiles over it.
@@ -68,12 +74,9 @@ def ddpm_gain(sigma: float, sigma_next: float) -> float:
     return c * c / s2 if s2 > 0 else 0.0
 
 
-GAINS = {"euler_ancestral": euler_ancestral_gain, "ddpm": ddpm_gain}
-
-
-def log_normaliser(d_ref: torch.Tensor, d_al: torch.Tensor, lam: float, gain: float,
-                   particles: int, site_dims: int = 0, mask=None) -> torch.Tensor:
-    """log Z_t per particle and site, shape [N, B, *sites]: -λ(1-λ)·gain·|D_ref - D_al|²/2.
+def squared_difference(d_ref: torch.Tensor, d_al: torch.Tensor, particles: int, site_dims: int = 0,
+                       mask=None) -> torch.Tensor:
+    """|D_ref - D_al|² per particle and site, shape [N, B, *sites], float64.
 
     ``site_dims`` = how many trailing dimensions are separate sites (0: one weight per latent,
     2: one per pixel). ``mask``: the inpainting denoise mask (only the denoised region moves)."""
@@ -85,7 +88,46 @@ def log_normaliser(d_ref: torch.Tensor, d_al: torch.Tensor, lam: float, gain: fl
     sq = sq.reshape(particles, n_total // particles, *sq.shape[1:])
     keep = sq.dim() - site_dims
     sq = sq.sum(dim=tuple(range(2, keep))) if keep > 2 else sq
-    return (-lam * (1.0 - lam) * gain / 2.0) * sq
+    return sq.cpu()  # the weights live on the CPU, next to the seeded resampling generator
+
+
+def log_normaliser(d_ref: torch.Tensor, d_al: torch.Tensor, lam: float, gain: float,
+                   particles: int, site_dims: int = 0, mask=None) -> torch.Tensor:
+    """log Z_t per particle and site, shape [N, B, *sites]: -λ(1-λ)·gain·|D_ref - D_al|²/2."""
+    return (-lam * (1.0 - lam) * gain / 2.0) * squared_difference(d_ref, d_al, particles, site_dims, mask)
+
+
+# -- the weight of one interval between two model calls ---------------------------------------
+def trapezoid_weights(sigma: float, sigma_next: float) -> tuple[float, float]:
+    """(c0, c1) with ∫ f(s)/s² ds over s = σ'²..σ² equal to c0·f(σ²) + c1·f(σ'²) for f linear in s.
+
+    Both kernels' gain (c/s)² is exactly ∫ ds/s² = 1/σ'² - 1/σ² over their step (tested), so
+    -λ(1-λ)/2·gain·|ΔD|² is the continuous-time weight -λ(1-λ)/2 ∫ |ΔD(x_s, s)|²/s² ds with |ΔD|²
+    frozen at the start of the step. The particle loop integrates |ΔD|² linearly in s between two
+    consecutive model calls instead (the trapezoid rule, exact against 1/s²): second order in the
+    step, and measured closer to p_(β/λ) overall (benchmarks/aw_particles_weight_rules.py)."""
+    s0, s1 = float(sigma) ** 2, float(sigma_next) ** 2
+    if not s0 > s1 > 0:
+        return 0.0, 0.0
+    r = s0 / s1
+    c0 = (math.log(r) - 1.0 + 1.0 / r) / ((r - 1.0) * s1)
+    return c0, (1.0 - 1.0 / r) / s1 - c0
+
+
+def interval_log_weight(previous, current, sigma_prev: float, sigma: float):
+    """log-weight of the interval σ_prev → σ from the integrand λ(1-λ)|ΔD|² at its two ends
+    (None = 0 there: λ ∈ {0, 1}, outside the window, no prediction); None when both ends are 0."""
+    if previous is None and current is None:
+        return None
+    c0, c1 = trapezoid_weights(sigma_prev, sigma)
+    if c0 == 0.0 and c1 == 0.0:
+        return None
+    inc = 0.0
+    if previous is not None:
+        inc = inc - 0.5 * c0 * previous
+    if current is not None:
+        inc = inc - 0.5 * c1 * current
+    return inc
 
 
 # -- weights ---------------------------------------------------------------------------
@@ -131,6 +173,11 @@ def draw_one(logw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     n = logw.shape[0]
     cols = normalised(logw.to(torch.float64)).reshape(n, -1).T
     return torch.multinomial(cols, 1, generator=generator)[:, 0].reshape(logw.shape[1:])
+
+
+def gather_weights(values: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+    """Per-particle values [N, B, *sites] (e.g. the last integrand) after resampling."""
+    return torch.take_along_dim(values, ancestors.to(values.device), dim=0)
 
 
 def gather_particles(x: torch.Tensor, ancestors: torch.Tensor, site_dims: int = 0) -> torch.Tensor:

@@ -81,14 +81,20 @@ def test_kernel_gain_is_the_integral_of_ds_over_s_squared(sigma, sigma_next):
 
 
 def test_trapezoid_weights_integrate_linear_functions_exactly():
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import aw_particles_weight_rules as wr
+    """The particle loop's interval weights: exact ∫ f(s)/s² ds for f linear in s = σ², none for a step
+    that does not lower the noise."""
     s0, s1 = 4.0, 1.0
-    c0, c1 = wr.trapezoid_weights(s0, s1)
+    c0, c1 = P.trapezoid_weights(2.0, 1.0)
     grid = torch.linspace(s1, s0, 400001, dtype=torch.float64)
     for f0, f1 in [(1.0, 1.0), (2.0, 0.5), (0.0, 3.0)]:
         f = f1 + (f0 - f1) * (grid - s1) / (s0 - s1)
         assert c0 * f0 + c1 * f1 == pytest.approx(float(torch.trapezoid(f / grid ** 2, grid)), rel=1e-7)
+    assert P.trapezoid_weights(1.0, 2.0) == (0.0, 0.0) and P.trapezoid_weights(1.0, 0.0) == (0.0, 0.0)
+    # the interval's log-weight: -(c0·f(start) + c1·f(end))/2; a missing end counts 0; both missing: None
+    a, b = torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0], [0.5]])
+    assert torch.allclose(P.interval_log_weight(a, b, 2.0, 1.0), -0.5 * (c0 * a + c1 * b))
+    assert torch.allclose(P.interval_log_weight(None, b, 2.0, 1.0), -0.5 * c1 * b)
+    assert P.interval_log_weight(None, None, 2.0, 1.0) is None
 
 
 def test_ess():

@@ -97,8 +97,8 @@ def _recorded(state):
 
 def test_single_gaussian_world_weights_stay_uniform(pack, ac, monkeypatch):
     """Reference N(m, s²I), aligned p_β = N(m + s²w/β, s²I): D_al − D_ref = s²w/β · σ²/(s²+σ²) at every x,
-    so log Z_t = −λ(1−λ)·gain·|ΔD|²/2 is one number for all particles (not 0): uniform normalised
-    weights. The hard world (a mixture) is the control where they are not."""
+    so every interval's log-weight −λ(1−λ)/2·(c0·|ΔD(σ)|² + c1·|ΔD(σ')|²) (trapezoid rule) is one number for
+    all particles (not 0): uniform normalised weights. The hard world (a mixture) is the control where they are not."""
     import aw_world as aw
     from comfyui_deradiff.sampler import particle_sampler, particles
     seen = []
@@ -115,13 +115,18 @@ def test_single_gaussian_world_weights_stay_uniform(pack, ac, monkeypatch):
     latent = ac.empty_latent(16)
     out = node_sample(pack, ac, pair, latent, "euler_ancestral", steps=8, particles=4)
     state, incs = seen[-1]
-    assert len(incs) == 7
-    for inc, sigma in incs:
-        # |ΔD|² over the 16 points: |s²w|² · (σ²/(s²+σ²))² each (the filler channels agree)
-        expected = -LAM * (1 - LAM) / 2 * (s2 ** 2 * float(w @ w) * (sigma ** 2 / (s2 + sigma ** 2)) ** 2) * 16
+    assert len(incs) == 7  # one per interval between the 8 model calls
+
+    def sq(sigma):  # |ΔD|² over the 16 points: |s²w|² · (σ²/(s²+σ²))² each (the filler channels agree)
+        return s2 ** 2 * float(w @ w) * (sigma ** 2 / (s2 + sigma ** 2)) ** 2 * 16
+    full = _karras8()
+    for k, (inc, sigma) in enumerate(incs):  # the interval full[k] -> full[k+1], weighted at its end
+        assert sigma == pytest.approx(full[k + 1])
+        c0, c1 = particles.trapezoid_weights(full[k], full[k + 1])
+        expected = -LAM * (1 - LAM) / 2 * (c0 * sq(full[k]) + c1 * sq(full[k + 1]))
         assert inc.shape == (4, 1)
         assert float(inc.std()) < 1e-4 * abs(float(inc.mean()))  # float32 model outputs
-        assert float(inc.mean()) == pytest.approx(expected * _gain_of(sigma, incs), rel=1e-4)
+        assert float(inc.mean()) == pytest.approx(expected, rel=1e-4)
     assert state.summary()["resamples"] == 0 and state.summary()["min_ess"] == pytest.approx(4.0, abs=1e-6)
     assert "ESS min 4.0" in out["ui"]["deradiff_particles"][0]
     # the control: separated modes give unequal weights
@@ -140,17 +145,13 @@ def _hard(ac, pack):
 _SIGMAS = {}
 
 
-def _gain_of(sigma, incs):
-    from comfyui_deradiff.sampler.particles import euler_ancestral_gain
-    sigmas = [s for _, s in incs]
-    i = sigmas.index(sigma)
+def _karras8():
     if "karras8" not in _SIGMAS:
         import comfy.samplers
         import aw_comfy
         m = aw_comfy.world_model(lambda x, s: x)
         _SIGMAS["karras8"] = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "karras", 8).tolist()
-    full = _SIGMAS["karras8"]
-    return euler_ancestral_gain(full[i], full[i + 1])
+    return _SIGMAS["karras8"]
 
 
 def test_hard_world_particles_move_the_expected_reward_toward_exact(pack, ac):
