@@ -14,10 +14,10 @@ PARTICLES_INPUT = ("INT", {
                "and N times the memory. Needs euler_ancestral (eta 1, s_noise 1) or ddpm. 1 = plain DeRaDiff (unchanged). "
                "Weights can collapse in high dimension: in a test world where the two models disagree "
                "independently all over the latent, the ESS fell to 1 within the first steps (then the mode only "
-               "selects greedily); the node shows the ESS after each run. The weights are exact for the sampler's "
-               "steps, not for the continuous process: in a test world with separated modes, at λ < 1 and 50 steps "
-               "32 particles over-corrected, at 200 steps they were within sampling error, so use many steps at "
-               "λ < 1. See README, 'Particle realignment'."})
+               "selects greedily); the node shows the ESS after each run. The weights carry a step-size error: in a "
+               "test world with separated modes, at λ < 1 and 50 steps 32 particles went slightly past the target, "
+               "at 100 steps they were within sampling error, so use 50 or more steps. See README, "
+               "'Particle realignment'."})
 
 RESAMPLE_ESS_INPUT = ("FLOAT", {
     "default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
