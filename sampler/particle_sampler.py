@@ -95,10 +95,10 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
     noise_sampler = kds.default_noise_sampler(x, seed=seed) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
     seen = []
-    previous = guider.prediction_observer
+    previous_observer = guider.prediction_observer
     guider.prediction_observer = lambda _x, _sigma, d_ref, d_al, lam: seen.append((d_ref, d_al, lam))
     n, site_dims = state.particles, state.site_dims
-    previous = None  # (σ, integrand λ(1-λ)|ΔD|² per particle/site or None) at the previous model call
+    last_call = None  # (σ, integrand λ(1-λ)|ΔD|² per particle/site or None) at the previous model call
     try:
         for i in kds.trange(len(sigmas) - 1, disable=disable):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -116,14 +116,14 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
                                                                      extra_args.get("denoise_mask"))
             # the interval from the previous model call to this one, both ends known now (trapezoid
             # rule, particles.trapezoid_weights); weighted and resampled before this step is taken
-            inc = interval_log_weight(previous[1], current, previous[0], sigma) if previous else None
+            inc = interval_log_weight(last_call[1], current, last_call[0], sigma) if last_call else None
             if inc is not None:
                 ancestors = state.update(inc, sigma)
                 if ancestors is not None:
                     x = gather_particles(x, ancestors, site_dims)
                     denoised = gather_particles(denoised, ancestors, site_dims)
                     current = None if current is None else gather_weights(current, ancestors)
-            previous = (sigma, current)
+            last_call = (sigma, current)
             if callback is not None:
                 callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
             if kernel == "euler_ancestral":  # ComfyUI's sample_euler_ancestral step
@@ -139,7 +139,7 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
                 if sigmas[i + 1] != 0:
                     x *= torch.sqrt(1.0 + sigmas[i + 1] ** 2.0)
     finally:
-        guider.prediction_observer = previous
+        guider.prediction_observer = previous_observer
     return x
 
 

@@ -204,8 +204,8 @@ class ParticleState:
     """Log-weights, adaptive resampling and the ESS record of one sampling run.
 
     ``resample_below``: resample when ESS < resample_below·N (0: never, importance weights only;
-    1: every weighted step). ``window``: (σ_low, σ_high); weights and resampling only for steps
-    whose σ lies inside (None: every step). ``temper``: exponent on Z_t (1 = the exact target;
+    1: every weighted step). ``window``: (σ_low, σ_high); the weight integrand counts only at model
+    calls whose σ lies inside (None: every step), so no weight and no resampling outside it. ``temper``: exponent on Z_t (1 = the exact target;
     below 1 flattens the weights, a bias/variance trade-off used only in the studies)."""
     particles: int
     seed: int

@@ -203,3 +203,7 @@ def test_guider_node_through_a_custom_sampler_equals_the_ksampler_node(pack, ac,
     out = guider.sample(noise, latent["samples"], comfy.samplers.sampler_object("euler_ancestral"), sigmas, seed=5)
     assert torch.equal(out, ks["result"][0]["samples"])
     assert guider.state.summary()["weighted_steps"] == 5
+    # the GUIDER is cached and reused by ComfyUI: a second run leaves no trace of the first
+    assert guider.prediction_observer is None
+    again = guider.sample(noise, latent["samples"], comfy.samplers.sampler_object("euler_ancestral"), sigmas, seed=5)
+    assert torch.equal(again, out)
