@@ -205,8 +205,9 @@ class ParticleState:
 
     ``resample_below``: resample when ESS < resample_below·N (0: never, importance weights only;
     1: every weighted step). ``window``: (σ_low, σ_high); the weight integrand counts only at model
-    calls whose σ lies inside (None: every step), so no weight and no resampling outside it. ``temper``: exponent on Z_t (1 = the exact target;
-    below 1 flattens the weights, a bias/variance trade-off used only in the studies)."""
+    calls whose σ lies inside (None: every step), so no weight and no resampling outside it.
+    ``temper``: exponent on the weights (1 = the exact target; below 1 flattens them, a
+    bias/variance trade-off used only in the studies)."""
     particles: int
     seed: int
     resample_below: float = 0.5
