@@ -36,6 +36,23 @@ def test_particle_weight_rules_study_tiny(tmp_path):
     assert all(row[f"{rule}/4"][0] > row["plain"][0] for rule in ("left", "trapezoid", "right"))
 
 
+def test_particle_highdim_study_tiny(comfy_root, tmp_path):
+    """The high-dimension particle study runs through the pack's particle path on both worlds: one weight
+    per latent, the ESS between 1 and N at every recorded step, and the product world (independent
+    disagreement at every pixel) ends with a lower ESS than the modes world (a few directions)."""
+    import json
+    run("benchmarks/aw_particles_highdim.py", "--tiny", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "aw_particles_highdim.json").read_text())
+    n = res["config"]["particles"]
+    rows = {r["world"]: r for r in res["rows"]}
+    assert set(rows) == {"modes", "product"}
+    for r in rows.values():
+        assert r["weighted_steps"] == res["config"]["steps"] - 1  # one interval between each pair of calls
+        assert all(1.0 - 1e-9 <= e <= n + 1e-9 for _, _, e in r["ess"])
+    assert rows["product"]["min_ess"] < rows["modes"]["min_ess"]
+    assert "ESS over the steps" in (tmp_path / "aw_particles_highdim.md").read_text()
+
+
 def test_bench_gpu_smoke_run_on_the_cpu(comfy_root, tmp_path):
     """The one-command GPU benchmark, in its --quick form on the CPU: every section runs."""
     out = tmp_path / "gpu.md"
