@@ -39,7 +39,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-import aw_world as aw  # noqa: E402
+from aw_difference_reuse import world  # noqa: E402  (the ring and hard worlds of aw_particles.py)
 
 _spec = importlib.util.spec_from_file_location("deradiff_particles_math", REPO / "sampler" / "particles.py")
 P = importlib.util.module_from_spec(_spec)
@@ -65,16 +65,6 @@ class Config:
 
 
 TINY = Config(worlds=("hard",), lambdas=(0.5, 2.0), particles=(4,), steps=6, points=128, seeds=2)
-
-
-def world(name):
-    """The two worlds of benchmarks/aw_particles.py (same definitions as aw_difference_reuse.world)."""
-    if name == "ring":
-        a = math.radians(75.0)
-        return aw.ring(8, 1.3, (0.15, 0.2)), torch.tensor([math.cos(a), math.sin(a)], dtype=F64)
-    if name == "hard":
-        return aw.ring(8, 4.0, (0.3,)), torch.tensor([1.0, 0.5], dtype=F64)
-    raise ValueError(name)
 
 
 def karras(steps, sigma_min=0.0291675, sigma_max=14.614642, rho=7.0):
