@@ -13,7 +13,7 @@ PARTICLES_INPUT = ("INT", {
                "the plain mix gets wrong when alignment reweights separate modes. Costs N times the model calls "
                "and N times the memory. Needs euler_ancestral (eta 1, s_noise 1) or ddpm. 1 = plain DeRaDiff (unchanged). "
                "Weights can collapse in high dimension: in a test world where the two models disagree "
-               "independently all over the latent, the ESS fell to 1 within the first steps (then the mode only "
+               "independently all over the latent, the ESS fell to about 1 by mid-schedule (then the mode only "
                "selects greedily); the node shows the ESS after each run. The weights carry a step-size error: in a "
                "test world with separated modes, at λ < 1 and 50 steps 32 particles went slightly past the target, "
                "at 100 steps they were within sampling error, so use 50 or more steps. See README, "
