@@ -10,8 +10,9 @@ The math (log Z_t, ESS, resampling, the output draw) is in ``particles.py``. Her
   ESS is low, before the step is taken. Run as a ``comfy.samplers.KSAMPLER``, so noise scaling, inpainting,
   the progress bar, previews and cancel work as for any sampler.
 - ``ParticleGuider``: a DeRaDiffGuider whose ``sample`` runs N particles per latent (batch N·B,
-  particle-major), swaps the SAMPLER it is given for the particle loop of the same kernel (eta,
-  s_noise kept) and returns one latent per image, drawn with the final weights.
+  particle-major), swaps the SAMPLER it is given for the particle loop of the same kernel (refusing
+  eta or s_noise != 1: ``check_full_noise``) and returns one latent per image, drawn with the final
+  weights.
 """
 from __future__ import annotations
 
@@ -83,7 +84,6 @@ def _scalar(lam):
 def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None, *, kernel, state,
                   node="DeRaDiff KSampler", eta=1.0, s_noise=1.0, noise_sampler=None):
     extra_args = {} if extra_args is None else extra_args
-    check_full_noise(node, {"eta": eta, "s_noise": s_noise})
     guider = model.inner_model
     if not hasattr(guider, "prediction_observer"):
         raise ParticleModeError(node, "particles", "particle mode needs the DeRaDiff guider")
