@@ -27,6 +27,17 @@ log = logging.getLogger("DeRaDiff")
 
 ALIGNED_KEY = "deradiff_aligned"
 _POST_CFG = "sampler_post_cfg_function"
+# ComfyUI's MultiGPU (0.3x+) splits a batch across per-device clones of the model that drives
+# sampling, the reference. Those clones hold neither a separate aligned model's weights nor the
+# on-the-fly LoRA update of a shared pair, so aligned and fused evaluations run on the main
+# device (as core's DualModelGuider does for its second model).
+MULTIGPU_KEYS = ("multigpu_clones", "multigpu_thread_pool")
+
+
+def without_multigpu(options: dict) -> dict:
+    if not any(k in options for k in MULTIGPU_KEYS):
+        return options
+    return {k: v for k, v in options.items() if k not in MULTIGPU_KEYS}
 
 
 def mix(d_ref, d_aligned, lam):
@@ -71,6 +82,31 @@ def aligned_model_options(patcher, sample_sigmas, device=None, dtype=None):
     if device is not None:
         comfy.samplers.cast_to_load_options(options, device=device, dtype=dtype)
     return options
+
+
+def has_conditioning_hooks(conds) -> bool:
+    return any(c.get("hooks") is not None for group in conds.values() if group for c in group)
+
+
+@contextlib.contextmanager
+def conditioning_hooks_on(aligned, conds, options, reference):
+    """Hooks set on the conditioning (Create Hook LoRA -> Cond Set Props) for a separately loaded
+    aligned model: ComfyUI registers a cond's hook patches on the one ModelPatcher it samples,
+    so they are registered on the aligned one the same way (prepare_model_patcher, with the
+    reference's hook mode) and restored when the run ends, as CFGGuider.sample does."""
+    if not has_conditioning_hooks(conds):
+        yield
+        return
+    import comfy.sampler_helpers
+    own_mode = aligned.hook_mode
+    aligned.set_hook_mode(reference.hook_mode)
+    options.setdefault("transformer_options", {})
+    try:
+        comfy.sampler_helpers.prepare_model_patcher(aligned, conds, options)
+        yield
+    finally:
+        aligned.set_hook_mode(own_mode)
+        aligned.restore_hook_patches()
 
 
 def run_level_wrappers_only_on(aligned, reference) -> list:
@@ -178,10 +214,11 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         aligned = self.aligned_patcher
         aligned.pre_run()
         try:
-            self._aligned_run = self._prepare_aligned(aligned, noise, latent_image, device, sigmas,
-                                                      denoise_mask, seed, kwargs)
-            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
-                                        callback, disable_pbar, seed, *args, **kwargs)
+            run = self._aligned_run = self._prepare_aligned(aligned, noise, latent_image, device, sigmas,
+                                                            denoise_mask, seed, kwargs)
+            with conditioning_hooks_on(aligned, run.conds, run.model_options, self.model_patcher):
+                return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
+                                            callback, disable_pbar, seed, *args, **kwargs)
         finally:
             self._aligned_run = None
             aligned.cleanup()
@@ -225,7 +262,8 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
         """Both models in one call: the batch is [x; x], the LoRA update reaches the second half."""
         shared, b = self.aligned_side.shared, x.shape[0]
         with shared.fused(2 * b, b):
-            d = super().predict_noise(torch.cat([x, x]), torch.cat([timestep, timestep]), model_options, seed)
+            d = super().predict_noise(torch.cat([x, x]), torch.cat([timestep, timestep]),
+                                      without_multigpu(model_options), seed)
         if shared.fused_mismatch:
             self._fuse = False
             log.info("DeRaDiff: a LoRA layer of '%s' does not keep the batch in its first dimension; running "
@@ -248,7 +286,7 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
     def _aligned_options(self, run, model_options, post_cfg):
         options = run.model_options.copy()
         for key, value in model_options.items():  # what the sampler added (cfg1 switch, ...)
-            if key not in self.model_options and key != _POST_CFG:
+            if key not in self.model_options and key != _POST_CFG and key not in MULTIGPU_KEYS:
                 options[key] = value
         if post_cfg:
             options[_POST_CFG] = run.model_options.get(_POST_CFG, []) + list(post_cfg)

@@ -5,6 +5,14 @@ the same (already processed) conds and mixes cond and uncond predictions with λ
 linear, so mixing before CFG equals giving each model its own CFG and mixing after
 (up to float rounding) — unless another node adds a non-linear CFG function.
 
+Two entry points, one mix. ComfyUI's ``sampling_function`` consults the single
+``sampler_calc_cond_batch_function`` slot for the step's cond/uncond evaluation: that is
+where difference reuse (``full_pass_every``) and the fused LoRA pass run. Guidance nodes
+(PerturbedAttentionGuidance, SelfAttentionGuidance, SkipLayerGuidanceDiT, perp-neg and other
+guiders) call ``comfy.samplers.calc_cond_batch`` themselves, and SkipLayerGuidanceDiTSimple
+replaces the slot: a CALC_COND_BATCH wrapper catches every such evaluation and returns the
+realigned prediction for it too (both models run, no reuse).
+
 Nodes placed after Realign Model (FreeU, attention patches, PAG, a LoRA, ModelSampling,
 TorchCompileModel, caches) clone the MODEL and add to it. What they add applies to the
 realigned model, that is to both models' evaluations:
@@ -30,7 +38,8 @@ import comfy.samplers
 import comfy.utils
 
 from .difference_reuse import DifferenceMemory, StepPlan, cheaper_side
-from .guider import ALIGNED_KEY, aligned_model_options, can_fuse, fits_twice, stale_rescale_for, is_exactly, mix, warn_run_level_wrappers
+from .guider import (ALIGNED_KEY, MULTIGPU_KEYS, aligned_model_options, can_fuse, conditioning_hooks_on, fits_twice,
+                     is_exactly, mix, stale_rescale_for, warn_run_level_wrappers, without_multigpu)
 from .options_delta import added_since, merged, options_shape, select
 from .schedules import PercentOfSigma, as_schedule
 
@@ -39,7 +48,7 @@ log = logging.getLogger("DeRaDiff")
 # model_options keys that belong to one sampling run or to CFG, never to a model evaluation
 _RUN_KEYS = {"sampler_calc_cond_batch_function", "to_load_options", "registered_hooks", "sampler_cfg_function",
              "sampler_post_cfg_function", "sampler_pre_cfg_function", "disable_cfg1_optimization",
-             "model_function_wrapper"}
+             "model_function_wrapper", *MULTIGPU_KEYS}
 # what later nodes add that a separately loaded aligned model can take as it is
 _PORTABLE = [("transformer_options", "patches"), ("transformer_options", "patches_replace"), ("context_handler",)]
 
@@ -72,6 +81,9 @@ class RealignedCalcCondBatch:
         self.weight_patch_counts = {k: len(v) for k, v in realigned.patches.items()}
         self._run = None  # (sample_sigmas, aligned base options, percent_of) of the current run
         self._derived = None  # (options passed in, base, aligned options derived from them)
+        self._depth = 0  # > 0 while this object evaluates: its own calc_cond_batch calls pass through
+        self.evaluations = 0  # evaluations of the current run that reached the mix
+        self.extra_evaluations = 0  # ... of them through the wrapper (not sampling_function's slot)
 
     def __deepcopy__(self, memo):
         # ComfyUI 0.3.75's clone() deep-copies model_options; copying this would copy the
@@ -118,23 +130,58 @@ class RealignedCalcCondBatch:
 
     # -- one evaluation -------------------------------------------------------
     def __call__(self, args):
+        """The step's cond/uncond evaluation (sampling_function's slot)."""
         conds, x, sigma, model, options = args["conds"], args["input"], args["sigma"], args["model"], args["model_options"]
+        self.evaluations += 1
+        with self._own_call():
+            return self._evaluate(model, conds, x, sigma, options, main=True)
+
+    def wrap_calc_cond_batch(self, executor, model, conds, x, sigma, options, *args, **kwargs):
+        """CALC_COND_BATCH wrapper: any other evaluation of this MODEL (a guidance node's extra
+        pass, a guider that calls calc_cond_batch itself, a node that took over the slot) gets
+        the realigned prediction too. Calls this object makes itself pass straight through."""
+        if self._depth > 0:
+            return executor(model, conds, x, sigma, options, *args, **kwargs)
+        self.evaluations += 1
+        self.extra_evaluations += 1
+        with self._own_call():
+            return self._evaluate(model, conds, x, sigma, options, main=False,
+                                  reference=lambda o: executor(model, conds, x, sigma, o, *args, **kwargs))
+
+    @contextlib.contextmanager
+    def _own_call(self):
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+    def _aligned_model_and_context(self, model):
+        if self.side.patcher is not None:
+            aligned_model = self.side.patcher.model
+            return aligned_model, self._separate_model_sampling(model, aligned_model)
+        # shared weights: the reference's BaseModel with the update applied on the fly
+        return model, self.side.shared
+
+    def _evaluate(self, model, conds, x, sigma, options, main, reference=None):
+        if reference is None:
+            def reference(o):
+                return comfy.samplers.calc_cond_batch(model, conds, x, sigma, o)
         _, base, percent_of = self._run_state(options, model)
         lam = self.schedule.value_at(sigma, percent_of)
         if is_exactly(lam, 0.0):
-            return comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
+            return reference(options)
         aligned_options = self._aligned_options(base, options)
-        if self.side.patcher is not None:
-            aligned_model = self.side.patcher.model
-            context = self._separate_model_sampling(model, aligned_model)
-        else:  # shared weights: the reference's BaseModel with the update applied on the fly
-            aligned_model, context = model, self.side.shared
-        plan = self._plan
+        if not main and "context_handler" in aligned_options:
+            # a wrapper call runs inside the reference's context window already
+            aligned_options = {k: v for k, v in aligned_options.items() if k != "context_handler"}
+        aligned_model, context = self._aligned_model_and_context(model)
+        plan = self._plan if main else None  # reuse only for the step's own evaluation
         if (plan is not None and not is_exactly(lam, 1.0) and not plan.is_full(sigma)
                 and self._memory.ready(x.shape, [True] * len(conds))):
             side = cheaper_side(lam)
             if side == "reference":
-                d_one = comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
+                d_one = reference(options)
             else:
                 with context:
                     d_one = comfy.samplers.calc_cond_batch(aligned_model, conds, x, sigma, aligned_options)
@@ -152,16 +199,18 @@ class RealignedCalcCondBatch:
                 d_al = comfy.samplers.calc_cond_batch(aligned_model, conds, x, sigma, aligned_options)
             if is_exactly(lam, 1.0):
                 return d_al
-            d_ref = comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
+            d_ref = reference(options)
         if plan is not None:
             self._memory.remember(d_ref, d_al, sigma)
         return [None if r is None else mix(r, a, lam) for r, a in zip(d_ref, d_al)]
 
     def _fused(self, model, conds, x, sigma, options):
-        """Both models in one call on [x; x]; the LoRA update reaches the second half."""
+        """Both models in one call on [x; x]; the LoRA update reaches the second half. MultiGPU
+        clones are left out: they are other copies of the reference, without the update."""
         shared, b = self.side.shared, x.shape[0]
         with shared.fused(2 * b, b):
-            out = comfy.samplers.calc_cond_batch(model, conds, torch.cat([x, x]), torch.cat([sigma, sigma]), options)
+            out = comfy.samplers.calc_cond_batch(model, conds, torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                                 without_multigpu(options))
         if shared.fused_mismatch:
             self._fuse = False
             log.info("DeRaDiff Realign Model: a LoRA layer of '%s' does not keep the batch in its first "
@@ -171,8 +220,17 @@ class RealignedCalcCondBatch:
 
     # -- what a separate aligned model cannot take --------------------------------
     def report_unshared(self, patcher):
-        """ON_PRE_RUN: say which later additions apply to the reference only."""
+        """ON_PRE_RUN: say which later additions apply to the reference only, and which node
+        took over sampling_function's calc_cond_batch slot."""
         self._run = self._derived = None
+        self.evaluations = self.extra_evaluations = 0
+        slot = patcher.model_options.get("sampler_calc_cond_batch_function")
+        if slot is not self:
+            log.warning("DeRaDiff Realign Model: %s (added after Realign Model) replaced ComfyUI's calc_cond_batch "
+                        "function; DeRaDiff still mixes every evaluation it makes through its calc_cond_batch "
+                        "wrapper%s.", describe_function(slot),
+                        ", but full_pass_every and the fused LoRA pass are off for them"
+                        if self.full_pass_every > 1 or self._fusable else "")
         if self.side.patcher is None:
             return
         grown = [k for k, v in patcher.patches.items() if len(v) > self.weight_patch_counts.get(k, 0)]
@@ -187,6 +245,34 @@ class RealignedCalcCondBatch:
             log.warning("DeRaDiff Realign Model: model wrappers added after Realign Model (%s) run for the "
                         "reference's evaluations only; the aligned model '%s' is a separate model. Put them on "
                         "both models before making the pair.", ", ".join(evaluation), self.pair.aligned_name)
+
+
+def describe_function(fn) -> str:
+    """'SkipLayerGuidanceDiTSimple (comfy_extras.nodes_slg)' for a node's local function."""
+    if fn is None:
+        return "another node"
+    name = getattr(fn, "__qualname__", type(fn).__qualname__)
+    owner = name.split(".<locals>")[0].split(".")[0]
+    return f"{owner} ({getattr(fn, '__module__', '?')})"
+
+
+def check_reached(function, patcher):
+    """ON_CLEANUP: a run whose evaluations never reached the mix sampled the reference alone."""
+    if function.evaluations == 0:
+        log.warning("DeRaDiff Realign Model: no model evaluation of this run reached DeRaDiff (a sampler or "
+                    "guider evaluated the model without ComfyUI's calc_cond_batch); the image is the "
+                    "reference's alone. Use the DeRaDiff KSampler / Guider, or put that node before Realign Model.")
+
+
+def hooks_on_aligned(aligned):
+    """OUTER_SAMPLE wrapper: the guider's conds (hooks already registered on the reference by
+    CFGGuider.sample) get their hook patches registered on the separate aligned model too."""
+    def wrapper(executor, *args, **kwargs):
+        guider = executor.class_obj
+        conds = getattr(guider, "conds", None) or {}
+        with conditioning_hooks_on(aligned, conds, aligned_model_options(aligned, None), guider.model_patcher):
+            return executor(*args, **kwargs)
+    return wrapper
 
 
 def realigned_model(pair, lam, full_pass_every=1):
@@ -204,6 +290,8 @@ def realigned_model(pair, lam, full_pass_every=1):
                                     lambda patcher: aligned.pre_run())
         model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ALIGNED_KEY,
                                     lambda patcher: aligned.cleanup())
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ALIGNED_KEY + "_hooks",
+                                   hooks_on_aligned(aligned))
     if side.shared is not None:  # cache the LoRA factors for each run of this MODEL; its cleanup drops them
         model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, ALIGNED_KEY + "_cache",
                                     side.shared.cache_until_cleanup)
@@ -211,6 +299,10 @@ def realigned_model(pair, lam, full_pass_every=1):
     model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, ALIGNED_KEY + "_report",
                                 function.report_unshared)
     model.set_model_sampler_calc_cond_batch_function(function)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, ALIGNED_KEY,
+                               function.wrap_calc_cond_batch)
+    model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ALIGNED_KEY + "_reached",
+                                lambda patcher: check_reached(function, patcher))
     # the shape is taken with our own function in place, so only what comes after is "later"
     function.shape = options_shape(_options_as_sampled(model))
     return model
