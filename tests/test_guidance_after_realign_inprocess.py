@@ -179,3 +179,44 @@ def test_a_sampler_that_bypasses_calc_cond_batch_is_reported(sd15, pack, caplog)
         sample15(sd15, bypass)
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "no model evaluation of this run reached DeRaDiff" in text
+
+
+# -- conditioning hooks (issue 20, item 2) --------------------------------------------------
+def hooked(cond, hooks):
+    from comfy_extras.nodes_hooks import ConditioningSetProperties
+    return ConditioningSetProperties().set_properties(cond, 1.0, "default", hooks=hooks)[0]
+
+
+@pytest.fixture(scope="module")
+def hook_conds(sd15, comfy):
+    from comfy_extras.nodes_hooks import CreateHookLora
+    hooks = CreateHookLora().create_hook("sd15_aligned_lora.safetensors", 0.8, 0.0)[0]
+    return hooked(sd15["pos"], hooks), hooked(sd15["neg"], hooks)
+
+
+def sample_hooked(s, model, conds):
+    return ksampler(model, s["latent"], conds[0], conds[1], seed=SEED, steps=STEPS, cfg=CFG)
+
+
+@pytest.mark.parametrize("kind", ["separate", "shared"])
+@pytest.mark.parametrize("path", ["DeRaDiffKSampler", "RealignModel"])
+def test_conditioning_hooks_reach_both_models(sd15, pack, hook_conds, kind, path):
+    """Create Hook LoRA -> Cond Set Props on positive and negative: λ=1 is KSampler on the aligned
+    model with the hooked conds (not with plain ones), λ=0 KSampler on the reference with them."""
+    ref, aligned = sd15["ref"], sd15["aligned"][kind]
+    pair = make_pair(pack, ref, aligned)
+
+    def run(lam):
+        if path == "RealignModel":
+            return sample_hooked(sd15, realign(pack, pair, lam), hook_conds)
+        return pack.nodes.DeRaDiffKSampler().sample(
+            pair, SEED, STEPS, CFG, "euler", "normal", hook_conds[0], hook_conds[1], sd15["latent"], 1.0,
+            **{"lambda": lam})["result"][0]["samples"]
+
+    before = sample15(sd15, aligned)
+    want_aligned = sample_hooked(sd15, aligned, hook_conds)
+    assert far(want_aligned, before)  # the hook really changes the aligned model's output
+    close(run(1.0), want_aligned)
+    close(run(0.0), sample_hooked(sd15, ref, hook_conds))
+    # and the hooks leave nothing behind: the aligned model samples as before afterwards
+    torch.testing.assert_close(sample15(sd15, aligned), before, rtol=0, atol=0)
