@@ -242,7 +242,7 @@ def _merged_weight(patcher, key, chain, device):
     return weight.to(device)
 
 
-def separate_copy(patcher):
+def separate_copy(patcher, disable_dynamic=False):
     """A new ModelPatcher over its own BaseModel, holding ``patcher``'s weights with its patches
     merged in.
 
@@ -256,12 +256,17 @@ def separate_copy(patcher):
     parameters and objects, which other clones may have patched in place, are never read. The
     clone's object patches, model options, wrappers, callbacks, attachments, injections and
     additional models are carried over through public methods.
+
+    Like a model from comfy.sd's loaders, the copy knows how to build itself again
+    (``cached_patcher_init``, ComfyUI 0.3x+): ``clone(force_deepcopy=True)``, the non-dynamic
+    delegate and MultiGPU's ``deepclone_multigpu`` call it for a fresh model with its own weights.
+    ``disable_dynamic`` asks for a plain ModelPatcher, as those callers do.
     """
     base = patcher.model
     config = base.model_config
     prefix = "diffusion_model."
     offload = patcher.offload_device
-    cls = _patcher_class(patcher)
+    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else _patcher_class(patcher)
     state_dict, merged = {}, set()
     with torch.no_grad():
         for key, chain in patcher.get_key_patches(prefix).items():
@@ -305,4 +310,6 @@ def separate_copy(patcher):
         copy_.set_injections(key, list(injections))
     for key, models in getattr(patcher, "additional_models", {}).items():
         copy_.set_additional_models(key, [m.clone() for m in models])
+    if hasattr(copy_, "cached_patcher_init"):
+        copy_.cached_patcher_init = (separate_copy, (patcher,))
     return copy_

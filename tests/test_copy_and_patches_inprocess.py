@@ -280,6 +280,33 @@ def test_separate_copy_is_built_like_comfy_sd_builds_a_model(comfy, sd15, pack, 
             assert torch.equal(got[key], chain[0][0].to(got[key].device))
 
 
+def test_separate_copy_can_be_built_again_for_delegates_and_multigpu(comfy, sd15, pack, adapters, monkeypatch):
+    """ComfyUI 0.3x builds a model again from its loader (cached_patcher_init) for clone(force_deepcopy=True),
+    the non-dynamic delegate (clone(disable_dynamic=True) of a dynamic patcher) and MultiGPU's deepclone:
+    each must give a fresh model holding the copy's merged weights, not raise."""
+    import comfy.model_patcher
+    aligned = lora(sd15["ref"], sd15["clip"], adapters["diff"])
+    copy_ = pack.sampler.pair.separate_copy(aligned)
+    if not hasattr(copy_, "deepclone_multigpu"):
+        assert not hasattr(copy_, "cached_patcher_init")
+        pytest.skip("this ComfyUI has no cached_patcher_init / deepclone_multigpu (0.3.75)")
+    want = copy_.model_state_dict("diffusion_model.")
+
+    def same_weights(other):
+        assert other.model is not copy_.model
+        got = other.model_state_dict("diffusion_model.")
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key].to(want[key].device), want[key]), key
+
+    same_weights(copy_.clone(force_deepcopy=True))
+    same_weights(copy_.deepclone_multigpu(new_load_device=copy_.load_device))
+    monkeypatch.setattr(copy_, "is_dynamic", lambda: True, raising=False)  # as under Dynamic VRAM
+    delegate = copy_.clone(disable_dynamic=True)
+    assert type(delegate) is comfy.model_patcher.ModelPatcher
+    same_weights(delegate)
+
+
 # -- (D) equivalent object patches from two nodes keep the shared path --------------------------
 def test_equal_model_sampling_patches_from_two_nodes_share_weights(comfy, sd15, pack, adapters, caplog):
     import comfy.model_management as mm
