@@ -220,3 +220,40 @@ def test_conditioning_hooks_reach_both_models(sd15, pack, hook_conds, kind, path
     close(run(0.0), sample_hooked(sd15, ref, hook_conds))
     # and the hooks leave nothing behind: the aligned model samples as before afterwards
     torch.testing.assert_close(sample15(sd15, aligned), before, rtol=0, atol=0)
+
+
+# -- MultiGPU (issue 20, item 3) ----------------------------------------------------------------
+def with_multigpu_clone(model):
+    """What ComfyUI 0.3x's MultiGPU node does, through the same public calls, with the extra "device"
+    being this CPU again: a fresh deep clone of the model becomes its "multigpu" additional model, and
+    the sampler then sends the reference's evaluations to that clone (model_options["multigpu_clones"]).
+    The clone is a copy of the reference alone: an evaluation of the aligned model that reached it
+    would come out as the reference's."""
+    m = model.clone()
+    clone = m.deepclone_multigpu(new_load_device=m.load_device)
+    clone.is_multigpu_base_clone = True
+    m.set_additional_models("multigpu", [clone])
+    m.match_multigpu_clones()
+    return m
+
+
+@pytest.mark.parametrize("kind", ["separate", "shared"])
+def test_multigpu_clones_never_run_the_aligned_evaluations(sd15, pack, kind):
+    import comfy.model_patcher
+    if not hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu"):
+        pytest.skip("this ComfyUI has no MultiGPU (0.3.75)")
+    import nodes
+    ref = with_multigpu_clone(sd15["ref"])
+    if kind == "shared":
+        aligned = nodes.LoraLoaderModelOnly().load_lora_model_only(ref, "sd15_aligned_lora.safetensors", 1.0)[0]
+    else:
+        aligned = sd15["aligned"]["separate"]
+    pair = make_pair(pack, ref, aligned)
+    want = {lam: pack.nodes.DeRaDiffKSampler().sample(
+        make_pair(pack, sd15["ref"], sd15["aligned"][kind]), SEED, STEPS, CFG, "euler", "normal", sd15["pos"],
+        sd15["neg"], sd15["latent"], 1.0, **{"lambda": lam})["result"][0]["samples"] for lam in (0.5, 1.0)}
+    for lam in (0.5, 1.0):
+        close(sample15(sd15, realign(pack, pair, lam)), want[lam])
+        got = pack.nodes.DeRaDiffKSampler().sample(pair, SEED, STEPS, CFG, "euler", "normal", sd15["pos"], sd15["neg"],
+                                                   sd15["latent"], 1.0, **{"lambda": lam})["result"][0]["samples"]
+        close(got, want[lam])
