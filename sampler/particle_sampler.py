@@ -219,11 +219,11 @@ def particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, posi
     import comfy.sample
     import comfy.utils
     import latent_preview
-    from .sampling import ksampler_sigmas
+    from .sampling import finished_latent, ksampler_sigmas, prepare_latent
     if sampler_name not in STOCHASTIC:
         refuse_sampler(node, sampler_name)
     reference = pair.reference
-    latent_image = comfy.sample.fix_empty_latent_channels(reference, latent["samples"])
+    latent_image = prepare_latent(reference, latent)
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     sigmas = ksampler_sigmas(reference, steps, sampler_name, scheduler, denoise)
     guider = ParticleGuider(pair, lam, cfg, particles, resample_below, node, site_dims=site_dims, window=window,
@@ -233,6 +233,4 @@ def particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, posi
     samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
                             denoise_mask=latent.get("noise_mask"), callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-    out = latent.copy()
-    out["samples"] = samples.to(comfy.model_management.intermediate_device())
-    return out, guider.state
+    return finished_latent(latent, samples), guider.state

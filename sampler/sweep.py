@@ -23,7 +23,7 @@ from comfy.k_diffusion import sampling as k_sampling
 from .difference_reuse import cheaper_side
 from .guider import DeRaDiffGuider
 from .mixing import check_lambda
-from .sampling import ksampler_sigmas
+from .sampling import finished_latent, ksampler_sigmas, prepare_latent
 
 log = logging.getLogger("DeRaDiff")
 
@@ -130,7 +130,7 @@ def lambda_sweep(pair, lambdas, seed, steps, cfg, sampler_name, scheduler, posit
             out["noise_mask"] = _tile(out["noise_mask"], len(lambdas))
         return out
     reference = pair.reference
-    latent_image = comfy.sample.fix_empty_latent_channels(reference, latent["samples"])
+    latent_image = prepare_latent(reference, latent)
     group = latent_image.shape[0]
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     sigmas = ksampler_sigmas(reference, steps, sampler_name, scheduler, denoise)
@@ -149,8 +149,7 @@ def lambda_sweep(pair, lambdas, seed, steps, cfg, sampler_name, scheduler, posit
                               latent_image, sigmas, mask, callback, full_pass_every)
         for position, part in zip(positions, samples.split(group)):
             results[position] = part
-    out = {k: v for k, v in latent.items() if k not in ("batch_index", "noise_mask")}
-    out["samples"] = torch.cat(results).to(comfy.model_management.intermediate_device())
+    out = finished_latent(latent, torch.cat(results), exclude=("batch_index", "noise_mask"))
     if mask is not None:
         out["noise_mask"] = _tile(mask, len(lambdas)) if mask.shape[0] == group and group > 1 else mask
     return out

@@ -287,3 +287,37 @@ def test_diffusers_layout_unet_loads_as_the_aligned_model(comfy, sd15, pack):
     assert torch.isfinite(mixed).all() and not torch.equal(mixed, want)
     del pair, unet
     load_unet.cache_clear()  # a full-size UNet: do not keep it for the rest of the session
+
+
+@pytest.mark.parametrize("fp16_intermediates", [False, True])
+def test_lambda_0_follows_core_ksampler_latent_handling(sd15, pack, monkeypatch, fp16_intermediates):
+    """Core's common_ksampler on newer ComfyUI (0.3x) rescales an empty latent recorded at another
+    VAE's downscale ratio, drops the ratio keys from its output and casts the samples to the
+    intermediate dtype (--fp16-intermediates): DeRaDiff KSampler, λ Sweep and the particle mode follow
+    the same path, so λ=0 stays KSampler bit for bit on each ComfyUI version (the particle mode:
+    the same shape, dtype and keys)."""
+    import comfy.cli_args
+    import nodes
+    if fp16_intermediates:
+        monkeypatch.setattr(comfy.cli_args.args, "fp16_intermediates", True, raising=False)
+    # an empty latent made for a 16x VAE: core resizes it for SD1.5's 8x where it knows the ratio
+    latent = {"samples": torch.zeros(1, 4, 4, 4), "downscale_ratio_spacial": 16}
+    pair = make_pair(pack, sd15["ref"], sd15["aligned"])
+    want = nodes.KSampler().sample(sd15["ref"], 7, STEPS, 5.0, "euler_ancestral", "normal", sd15["pos"], sd15["neg"],
+                                   latent, denoise=1.0)[0]
+    runs = {
+        "DeRaDiffKSampler": pack.nodes.DeRaDiffKSampler().sample(
+            pair, 7, STEPS, 5.0, "euler_ancestral", "normal", sd15["pos"], sd15["neg"], latent, 1.0,
+            **{"lambda": 0.0})["result"][0],
+        "DeRaDiffLambdaSweep": pack.nodes.DeRaDiffLambdaSweep().sweep(
+            pair, "0", 7, STEPS, 5.0, "euler_ancestral", "normal", sd15["pos"], sd15["neg"], latent, 1.0)[0],
+        "particles": pack.nodes.DeRaDiffKSampler().sample(
+            pair, 7, STEPS, 5.0, "euler_ancestral", "normal", sd15["pos"], sd15["neg"], latent, 1.0,
+            **{"lambda": 0.0, "particles": 2})["result"][0],
+    }
+    for name, got in runs.items():
+        assert sorted(got) == sorted(want), name
+        if name == "particles":  # N particles and a weighted draw: the same latent handling, other noise
+            assert got["samples"].shape == want["samples"].shape and got["samples"].dtype == want["samples"].dtype
+        else:
+            assert_bit_identical(got["samples"], want["samples"])
