@@ -28,7 +28,7 @@ def _mean_sem(values):
 class DeRaDiffLoadRewardModel:
     NODE = "DeRaDiff Load Reward Model"
     DESCRIPTION = ("Loads a reward model from models/reward_models (or a reward_models path in "
-                   "extra_model_paths.yaml) to score images: PickScore, CLIP score or LAION aesthetic v2. "
+                   "extra_model_paths.yaml) to score images: PickScore, CLIP score, LAION aesthetic v2 or a small torch scorer. "
                    "Nothing is downloaded; README 'λ Search' says where each file comes from.")
     RETURN_TYPES = (REWARD_TYPE,)
     RETURN_NAMES = ("reward_model",)
@@ -44,7 +44,8 @@ class DeRaDiffLoadRewardModel:
                     "pickscore: PickScore_v1 (prompt-image preference; its folder needs the CLIP-ViT-H-14 "
                     "processor files, beside the model or in processor/). clip_score: 100 x cosine of any "
                     "transformers CLIP model. laion_aesthetic: the LAION aesthetic v2 MLP (aesthetic_head) "
-                    "on CLIP ViT-L/14 (model); ignores the prompt."}),
+                    "on CLIP ViT-L/14 (model); ignores the prompt. torch_scorer: a small torch scorer folder "
+                    "(config.json + model.safetensors), e.g. the tiny family's colourfulness."}),
                 "model": (reward_folders(), {"tooltip":
                     "A transformers CLIP model folder (config.json, model.safetensors, preprocessor_config.json, "
                     "tokenizer files) inside models/reward_models."}),

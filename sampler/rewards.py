@@ -9,6 +9,10 @@ No ComfyUI import: files are read with transformers / safetensors / torch from l
     subfolder).
   - LAION aesthetic v2: a 768→1024→128→64→16→1 MLP on the L2-normalised CLIP ViT-L/14 image
     embedding (the prompt is not used).
+  - torch scorer: a small torch module from a folder holding ``config.json`` (``"model_type":
+    "deradiff_torch_scorer"``, ``"architecture"`` one of ``SCORER_ARCHITECTURES``) and its parameters in
+    ``model.safetensors``. ``colourfulness`` (the tiny family's reward, scripts/tiny_family.py):
+    scale × mean over pixels of (max(R,G,B) − min(R,G,B)); the prompt is not used.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-KINDS = ("pickscore", "clip_score", "laion_aesthetic")
+KINDS = ("pickscore", "clip_score", "laion_aesthetic", "torch_scorer")
+SCORER_TYPE = "deradiff_torch_scorer"
 MODEL_FILES = ("config.json",)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 PROCESSOR_FILES = ("preprocessor_config.json",)
@@ -214,6 +219,65 @@ class LaionAesthetic(RewardModel):
             return head(emb.to(next(head.parameters()).device))[:, 0].float().cpu()
 
 
+class Colourfulness(torch.nn.Module):
+    """scale × mean over pixels of (max − min over R, G, B), on [N, H, W, C] images in 0..1."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor([100.0]), requires_grad=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        rgb = images[..., :3].to(self.scale.dtype)
+        return self.scale * (rgb.amax(dim=-1) - rgb.amin(dim=-1)).float().mean(dim=(1, 2)).to(self.scale.dtype)
+
+
+SCORER_ARCHITECTURES = {"colourfulness": Colourfulness}
+
+
+class TorchScorer(RewardModel):
+    kind = "torch_scorer"
+
+    def __init__(self, folder: str, name: str = "", dtype=torch.float32):
+        import json
+        super().__init__(name or os.path.basename(folder.rstrip("/\\")))
+        config_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+        if not os.path.isfile(config_path):
+            raise RewardModelError(config_path, "missing (a torch scorer folder needs config.json and model.safetensors)")
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise RewardModelError(config_path, f"cannot be read ({type(e).__name__}: {e})") from e
+        if not isinstance(config, dict) or config.get("model_type") != SCORER_TYPE:
+            raise RewardModelError(config_path, f"not a torch scorer (its model_type is not '{SCORER_TYPE}')")
+        arch = config.get("architecture")
+        if arch not in SCORER_ARCHITECTURES:
+            raise RewardModelError(config_path, f"unknown architecture {arch!r} (one of {', '.join(SCORER_ARCHITECTURES)})")
+        if not os.path.isfile(weights):
+            raise RewardModelError(weights, "missing (the scorer's parameters)")
+        import safetensors.torch
+        try:
+            state = safetensors.torch.load_file(weights)
+        except Exception as e:
+            raise RewardModelError(weights, f"cannot be read ({type(e).__name__}: {e})") from e
+        self.module = SCORER_ARCHITECTURES[arch]()
+        try:
+            self.module.load_state_dict(state)
+        except RuntimeError as e:
+            raise RewardModelError(weights, f"does not fit the '{arch}' scorer ({e})") from e
+        self.module.eval().to(dtype)
+        self.uses_prompt = bool(config.get("uses_prompt", False))
+        self.scale_name = str(config.get("description", arch))
+
+    def modules(self):
+        return [self.module]
+
+    def score(self, images, prompts=()):
+        self._check(images, prompts)
+        with torch.no_grad():
+            return self.module(images.to(self.module.scale.device)).float().cpu()
+
+
 def load_reward_model(kind: str, folder: str, head_path: str | None = None, dtype=torch.float32) -> RewardModel:
     if kind == "clip_score":
         return ClipScore(folder, dtype=dtype)
@@ -223,4 +287,6 @@ def load_reward_model(kind: str, folder: str, head_path: str | None = None, dtyp
         if not head_path:
             raise RewardModelError(folder, "LAION aesthetic needs its MLP head file as well as the CLIP ViT-L/14 folder")
         return LaionAesthetic(folder, head_path, dtype=dtype)
+    if kind == "torch_scorer":
+        return TorchScorer(folder, dtype=dtype)
     raise ValueError(f"unknown reward model kind '{kind}' (one of {', '.join(KINDS)})")
