@@ -34,7 +34,7 @@ MUST_SHIP = ["__init__.py", "LICENSE", "README.md", "pyproject.toml", "requireme
              "nodes/__init__.py", "sampler/__init__.py"]
 MUST_SHIP_DIRS = ["nodes", "sampler", "js", "example_workflows"]
 MUST_NOT_SHIP = ["tests/", "benchmarks/", "scripts/", ".ci/", "docs/", ".gitignore", "test-artifacts/", ".cache/",
-                 ".venv/"]
+                 ".venv/", "tiny_family/"]
 ARCHIVE_LIMIT = 3 * 1024 * 1024  # bytes, compressed: code, two README-sized texts, five thumbnails
 
 
