@@ -4,6 +4,7 @@
     python scripts/tiny_family.py materialize [--family DIR] [--models DIR]  # write ComfyUI model files
     python scripts/tiny_family.py info [--family DIR]                        # one JSON object
     python scripts/tiny_family.py score IMAGE...                             # one reward per line
+    python scripts/tiny_family.py estimate [--tiny]                          # time steps, project the build
 
 Everything is deterministic from ``Config.seed`` (on one machine and torch build; CPU reductions can
 differ with the number of threads, which is fixed at 2).
@@ -125,12 +126,12 @@ class Config:
     # data
     n_data: int = 12288
     # VAE (TAESD)
-    vae_steps: int = 600
+    vae_steps: int = 500
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_latent_noise: float = 0.1
     # UNet pretraining
-    unet_steps: int = 2500
+    unet_steps: int = 2200
     unet_batch: int = 32
     unet_lr: float = 3e-4
     unet_warmup: int = 100
@@ -141,11 +142,11 @@ class Config:
     sample_cfg: float = 4.0
     sample_batch: int = 128
     # preference pairs
-    pair_prompts: int = 512
+    pair_prompts: int = 384
     pair_samples: int = 4
     # Diffusion-DPO
     betas: tuple = (250.0, 500.0, 1000.0, 2000.0, 4000.0)
-    dpo_steps: int = 250
+    dpo_steps: int = 200
     dpo_batch: int = 16
     dpo_lr: float = 1e-3
     lora_rank: int = 16
@@ -1004,6 +1005,80 @@ def score_files(paths: list[str]) -> list[float]:
     return out
 
 
+def estimate(cfg: Config, repeats: int = 3, log=print) -> dict:
+    """Time a few steps of each part at the configuration's batch sizes (random inputs, no training
+    that is kept) and project every part's time: {part: seconds}. Under CPU contention the figures are
+    upper bounds."""
+    torch.set_num_threads(cfg.threads)
+    h = cfg.image_size // 8
+
+    def timed(fn):
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats
+
+    vae = new_taesd()
+    opt = torch.optim.Adam(vae.parameters(), 1e-4)
+    x = torch.rand(cfg.vae_batch, 3, cfg.image_size, cfg.image_size)
+
+    def vae_step():
+        loss = (vae.taesd_decoder(vae.taesd_encoder(x)) - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    t_vae = timed(vae_step)
+    xe = torch.rand(256, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        t_enc = timed(lambda: vae.taesd_encoder(xe)) / 256
+    unet = new_unet(cfg)
+    uopt = torch.optim.AdamW(unet.parameters(), 1e-4)
+    ctx = torch.randn(cfg.unet_batch, 77, 768)
+    z = torch.randn(cfg.unet_batch, 4, h, h)
+    t = torch.randint(0, 1000, (cfg.unet_batch,)).float()
+
+    def unet_step():
+        loss = unet(z, t, ctx).pow(2).mean()
+        uopt.zero_grad()
+        loss.backward()
+        uopt.step()
+    t_unet = timed(unet_step)
+    n = cfg.sample_batch * 2
+    zs, ts, cs = torch.randn(n, 4, h, h), torch.rand(n) * 999, torch.randn(n, 77, 768)
+    with torch.no_grad():
+        t_eval = timed(lambda: unet(zs, ts, cs)) / n  # per image and model call
+    unet.requires_grad_(False)
+    lora = LoRA(unet, cfg.lora_rank, torch.Generator().manual_seed(0))
+    lopt = torch.optim.AdamW(lora.parameters(), 1e-3)
+    n2 = 2 * cfg.dpo_batch
+    zd, td, cd = torch.randn(n2, 4, h, h), torch.rand(n2) * 999, torch.randn(n2, 77, 768)
+
+    def dpo_step():
+        with lora.active():
+            loss = unet(zd, td, cd).pow(2).mean()
+        lopt.zero_grad()
+        loss.backward()
+        lopt.step()
+    t_dpo = timed(dpo_step)
+    sample_calls = cfg.sample_steps * 2  # cfg: two calls per step
+    parts = {
+        "vae": cfg.vae_steps * t_vae,
+        "latents": cfg.n_data * t_enc,
+        "unet": cfg.unet_steps * t_unet,
+        "pairs": cfg.pair_prompts * cfg.pair_samples * sample_calls * t_eval,
+        "ref_losses": cfg.dpo_steps * n2 * t_eval,
+        **{f"dpo_beta{b:g}": cfg.dpo_steps * t_dpo for b in cfg.betas},
+        "eval": (1 + len(cfg.betas)) * cfg.eval_prompts * cfg.eval_seeds * sample_calls * t_eval,
+    }
+    per_step = {"vae_step_s": t_vae, "unet_step_s": t_unet, "dpo_step_s": t_dpo, "model_call_per_image_s": t_eval,
+                "encode_per_image_s": t_enc}
+    out = {"per_step": {k: round(v, 4) for k, v in per_step.items()},
+           "parts_s": {k: round(v, 1) for k, v in parts.items()}, "total_s": round(sum(parts.values()), 1)}
+    log(json.dumps(out))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1019,6 +1094,9 @@ def main(argv=None):
     i = sub.add_parser("info", help="print the family as one JSON object")
     i.add_argument("--family", type=Path, default=FAMILY_DIR)
     i.add_argument("--models", type=Path, default=MODELS_DIR)
+    e = sub.add_parser("estimate", help="time a few steps of each part and project the build's time (JSON)")
+    e.add_argument("--tiny", action="store_true")
+    e.add_argument("--repeats", type=int, default=3)
     s = sub.add_parser("score", help="print the family's reward of each image, one a line")
     s.add_argument("images", nargs="+")
     args = ap.parse_args(argv)
@@ -1034,6 +1112,8 @@ def main(argv=None):
     elif args.cmd == "materialize":
         paths = materialize(args.family, args.models, args.force)
         print(json.dumps({k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in paths.items()}))
+    elif args.cmd == "estimate":
+        estimate(Config.tiny() if args.tiny else Config(), args.repeats)
     elif args.cmd == "info":
         print(json.dumps(info(args.family, args.models)))
     elif args.cmd == "score":

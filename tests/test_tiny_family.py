@@ -316,3 +316,12 @@ def test_score_prints_one_number_per_image(tf, tmp_path):
     assert len(lines) == 3
     q = torch.from_numpy((imgs * 255 + 0.5).astype(np.uint8).astype(np.float32) / 255)
     assert [float(x) for x in lines] == pytest.approx(tf.colourfulness(q).tolist(), abs=1e-3)
+
+
+def test_estimate_projects_every_part(tf):
+    cfg = tf.Config.tiny()
+    out = tf.estimate(cfg, repeats=1, log=lambda s: None)
+    assert set(out["parts_s"]) == {"vae", "latents", "unet", "pairs", "ref_losses", "eval"} | {
+        f"dpo_beta{b:g}" for b in cfg.betas}
+    assert out["total_s"] == pytest.approx(sum(out["parts_s"].values()), abs=1)
+    assert all(v > 0 for v in out["per_step"].values())
