@@ -482,6 +482,8 @@ class Build:
         self.cache = Path(cache) if cache else CACHE_DIR
         self.log = log
         self.timings: dict[str, float] = {}
+        self._part = None
+        self.cache.mkdir(parents=True, exist_ok=True)
         self.text = TextConditioner(cfg.seed)
 
     def path(self, part: str, name: str) -> Path:
@@ -490,10 +492,39 @@ class Build:
         return d / name
 
     def _timed(self, name, fn):
-        t0 = time.perf_counter()
+        """Run a part; its time (summed over resumed runs: checkpoints record the time so far) is kept in
+        the cache's timings.json, so a part finished by an earlier run keeps the time it took then."""
+        store = self.cache / "timings.json"
+        saved = json.loads(store.read_text()) if store.exists() else {}
+        self._part, self._part_t0 = name, time.perf_counter()
+        self._part_before = saved.get(name + " (partial)", 0.0)
+        was_done = self.final_path(name).exists()
         out = fn()
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+        elapsed = time.perf_counter() - self._part_t0
+        saved = json.loads(store.read_text()) if store.exists() else {}
+        if not was_done or name not in saved:
+            saved[name] = round(self._part_before + elapsed, 1)
+        saved.pop(name + " (partial)", None)
+        store.write_text(json.dumps(saved, indent=1))
+        self.timings[name] = saved[name]
+        self._part = None
         return out
+
+    def final_path(self, name: str) -> Path:
+        """The file whose presence means the part is done."""
+        if name.startswith("dpo_beta"):
+            return self.path("dpo", f"lora_beta{name[len('dpo_beta'):]}.pt")
+        return {"data": lambda: self.path("data", "data.pt"), "vae": lambda: self.path("vae", "vae.pt"),
+                "latents": lambda: self.path("vae", "latents.pt"), "unet": lambda: self.path("unet", "unet_ema_fp16.pt"),
+                "pairs": lambda: self.path("pairs", "pairs.pt"), "ref_losses": lambda: self.path("dpo", "ref_losses.pt"),
+                "eval": lambda: self.path("eval", "eval.json")}.get(name, lambda: self.cache / "never")()
+
+    def _record_partial(self):
+        if getattr(self, "_part", None):
+            store = self.cache / "timings.json"
+            saved = json.loads(store.read_text()) if store.exists() else {}
+            saved[self._part + " (partial)"] = round(self._part_before + time.perf_counter() - self._part_t0, 1)
+            store.write_text(json.dumps(saved, indent=1))
 
     # data: attributes, images, token ids -------------------------------------------------------
     def data(self):
@@ -625,6 +656,7 @@ class Build:
             tmp = self._ckpt_path(part).with_suffix(".tmp")
             torch.save(state, tmp)
             tmp.replace(self._ckpt_path(part))
+            self._record_partial()
 
     def _resume(self, part, modules, extra=None) -> int:
         p = self._ckpt_path(part)

@@ -325,3 +325,14 @@ def test_estimate_projects_every_part(tf):
         f"dpo_beta{b:g}" for b in cfg.betas}
     assert out["total_s"] == pytest.approx(sum(out["parts_s"].values()), abs=1)
     assert all(v > 0 for v in out["per_step"].values())
+
+
+def test_a_second_build_reuses_every_part_and_keeps_the_timings(tf, tiny, tmp_path):
+    build, family, manifest = tiny
+    messages = []
+    again = tf.Build(build.cfg, build.cache, log=messages.append)
+    second = again.run(tmp_path / "family")
+    assert not [m for m in messages if "step" in m]  # nothing trained again
+    assert {k: v for k, v in second["timings_s"].items() if k != "write"} == {
+        k: v for k, v in manifest["timings_s"].items() if k != "write"}
+    assert second["sha256"] == manifest["sha256"]
