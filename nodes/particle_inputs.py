@@ -22,8 +22,9 @@ PARTICLES_INPUT = ("INT", {
 RESAMPLE_ESS_INPUT = ("FLOAT", {
     "default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
     "tooltip": "Resample when the effective sample size falls below this fraction of the particles (0.5 is "
-               "the usual choice; 1 = every step, 0 = never: importance weights only). Only used when "
-               "particles > 1."})
+               "the usual choice; 1 = every step, 0 = never: importance weights only). The threshold is at "
+               "least 1 + this value, so with 2 or 3 particles a particle that lost its weight is still "
+               "replaced (the ESS never drops below 1). Only used when particles > 1."})
 
 
 def check_particles(node: str, kwargs, full_pass_every: int = 1):

@@ -200,15 +200,20 @@ class ParticleGuider(DeRaDiffGuider):
         b = latent_image.shape[0]
         self.state = ParticleState(n, int(seed or 0), self.resample_below, self.site_dims, self.window, self.temper)
         psampler = particle_sampler(kernel, self.state, self.node, options, getattr(sampler, "inpaint_options", {}))
-        inner_callback = callback
-        if callback is not None:  # previews and SamplerCustomAdvanced's x0 output: particle 0's rows
+        inner_callback, last = callback, {}
+        if callback is not None:  # previews while sampling: particle 0's rows
             def callback(step, x0, x, total):
+                last.update(step=step, x0=x0, x=x, total=total)
                 return inner_callback(step, x0[:b], x[:b], total)
         out = super().sample(expand_noise(noise, n, seed), _repeat(latent_image, n, b), psampler, sigmas,
                              _repeat(denoise_mask, n, b), callback, disable_pbar, seed, *args, **kwargs)
         sites = tuple(out.shape[out.dim() - self.site_dims:]) if self.site_dims else ()
         choice = self.state.choose((b, *sites))
         log.info("DeRaDiff particles (%s): %s", kernel, self.state.summary_text())
+        if last:  # the last step once more with the particle returned: the final preview and
+            # SamplerCustomAdvanced's denoised_output (the x0 its callback saw last) are that particle's
+            inner_callback(last["step"], pick(last["x0"], choice, n, self.site_dims),
+                           pick(last["x"], choice, n, self.site_dims), last["total"])
         return pick(out, choice, n, self.site_dims)
 
 

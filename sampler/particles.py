@@ -199,12 +199,17 @@ def pick(x: torch.Tensor, choice: torch.Tensor, particles: int, site_dims: int =
 
 
 # -- the weights of one run ------------------------------------------------------------------
+# "Collapsed": ESS below 1/COLLAPSE_SHARE², which one particle holding more than COLLAPSE_SHARE of the
+# normalised weight always gives, whatever N (and ESS >= 1/max weight, so the largest share is then > 0.90).
+COLLAPSE_SHARE = 0.95
+COLLAPSE_ESS = 1.0 / COLLAPSE_SHARE ** 2
+
 @dataclass
 class ParticleState:
     """Log-weights, adaptive resampling and the ESS record of one sampling run.
 
     ``resample_below``: resample when ESS < resample_below·N (0: never, importance weights only;
-    1: every weighted step). ``window``: (σ_low, σ_high); the weight integrand counts only at model
+    1: every weighted step), with a threshold of at least 1 + resample_below (``resample_threshold``). ``window``: (σ_low, σ_high); the weight integrand counts only at model
     calls whose σ lies inside (None: every step), so no weight and no resampling outside it.
     ``temper``: exponent on the weights (1 = the exact target; below 1 flattens them, a
     bias/variance trade-off used only in the studies)."""
@@ -221,6 +226,15 @@ class ParticleState:
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(int(self.seed) % (2 ** 63))
 
+    @property
+    def resample_threshold(self) -> float:
+        """Resample when the ESS falls below this: resample_below·N, but never 1 or less (the ESS is
+        at least 1, so such a threshold could never fire: with N = 2 and the default 0.5 a dead
+        particle would be carried to the end); then 1 + resample_below. 0 still never resamples."""
+        if self.resample_below <= 0:
+            return 0.0
+        return max(self.resample_below * self.particles, 1.0 + self.resample_below)
+
     def in_window(self, sigma: float) -> bool:
         return self.window is None or self.window[0] <= sigma <= self.window[1]
 
@@ -229,7 +243,7 @@ class ParticleState:
         inc = increment * self.temper
         self.logw = inc if self.logw is None else self.logw + inc
         e = ess(self.logw)
-        resample = bool((e < self.resample_below * self.particles).any()) and self.particles > 1
+        resample = bool((e < self.resample_threshold).any()) and self.particles > 1
         self.record.append((float(sigma), float(e.mean()), float(e.min()), resample))
         if not resample:
             return None
@@ -254,6 +268,14 @@ class ParticleState:
         s = self.summary()
         if not s["weighted_steps"]:
             return f"{self.particles} particles: weights uniform (λ = 0 or 1, or no noisy step)"
-        collapsed = " (weights collapsed)" if s["min_ess"] < 1.5 else ""
-        return (f"{self.particles} particles: ESS min {s['min_ess']:.1f}, mean {s['mean_ess']:.1f} over "
-                f"{s['weighted_steps']} steps; resampled {s['resamples']}x{collapsed}")
+        collapsed = self.collapsed_steps()
+        text = (f"{self.particles} particles: ESS min {s['min_ess']:.1f}, mean {s['mean_ess']:.1f} over "
+                f"{s['weighted_steps']} steps; resampled {s['resamples']}x")
+        if collapsed:
+            text += (f"; weights COLLAPSED at {collapsed} step{'s' if collapsed > 1 else ''} (ESS < {COLLAPSE_ESS:.2f}: "
+                     f"one particle carried nearly all the weight, the others added nothing there)")
+        return text
+
+    def collapsed_steps(self) -> int:
+        """Weighted steps at which one particle carried (nearly) all the weight of some image."""
+        return sum(1 for r in self.record if r[2] < COLLAPSE_ESS)

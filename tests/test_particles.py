@@ -175,9 +175,37 @@ def test_state_resamples_only_below_the_threshold_and_records_ess():
     assert anc is not None and anc[:, 0].tolist() == [0, 0, 0, 0]
     assert bool((state.logw == 0).all())
     assert [r[3] for r in state.record] == [False, True]
-    assert state.summary()["resamples"] == 1 and "collapsed" in state.summary_text()
+    assert state.summary()["resamples"] == 1 and "COLLAPSED at 1 step " in state.summary_text()
     never = P.ParticleState(4, seed=0, resample_below=0.0)
     assert never.update(inc, 4.0) is None
+
+
+def test_two_particles_resample_a_dead_one_with_the_default_threshold():
+    """With N = 2 the ESS lies in [1, 2]: 0.5·N = 1 could never be crossed. The threshold is at least
+    1 + resample_below, so a particle that lost (nearly) all its weight is replaced."""
+    state = P.ParticleState(2, seed=0, resample_below=0.5)
+    assert state.resample_threshold == 1.5
+    assert state.update(torch.tensor([[0.0], [-0.1]], dtype=torch.float64), 5.0) is None  # ESS ≈ 2
+    anc = state.update(torch.tensor([[0.0], [-6.0]], dtype=torch.float64), 4.0)  # ESS ≈ 1.005
+    assert anc is not None and anc[:, 0].tolist() == [0, 0]
+    # larger N keep resample_below·N (saved workflows mean what they meant), 0 still never resamples
+    assert P.ParticleState(8, seed=0, resample_below=0.5).resample_threshold == 4.0
+    assert P.ParticleState(2, seed=0, resample_below=0.0).resample_threshold == 0.0
+
+
+def test_summary_says_when_the_weights_collapsed_whatever_n():
+    for n in (2, 8):
+        calm = P.ParticleState(n, seed=0, resample_below=0.0)
+        calm.update(torch.linspace(0, -0.5, n, dtype=torch.float64).reshape(n, 1), 3.0)
+        assert "COLLAPSED" not in calm.summary_text() and calm.collapsed_steps() == 0
+        dead = P.ParticleState(n, seed=0, resample_below=0.0)
+        dead.update(torch.tensor([0.0] + [-8.0] * (n - 1), dtype=torch.float64).reshape(n, 1), 3.0)
+        dead.update(torch.zeros(n, 1, dtype=torch.float64), 2.0)
+        assert dead.collapsed_steps() == 2 and "COLLAPSED at 2 steps" in dead.summary_text()
+    # N = 2 with a 3:1 split is not a collapse (the old "< 1.5" rule called it one)
+    split = P.ParticleState(2, seed=0, resample_below=0.0)
+    split.update(torch.tensor([[0.0], [-1.1]], dtype=torch.float64), 3.0)
+    assert "COLLAPSED" not in split.summary_text()
 
 
 def test_benchmark_bar_checks_read_the_right_columns():

@@ -207,3 +207,21 @@ def test_guider_node_through_a_custom_sampler_equals_the_ksampler_node(pack, ac,
     assert guider.prediction_observer is None
     again = guider.sample(noise, latent["samples"], comfy.samplers.sampler_object("euler_ancestral"), sigmas, seed=5)
     assert torch.equal(again, out)
+
+
+def test_sampler_custom_advanced_denoised_output_is_the_returned_particles(pack, ac, hard):
+    """SamplerCustomAdvanced's denoised_output is the x0 its callback saw last: it must be the x0 of the
+    particle the run returns, not particle 0's. With euler_ancestral the last step lands on that x0,
+    so the two outputs are the same latent."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import RandomNoise, SamplerCustomAdvanced
+    cond = ac.conditioning()
+    latent = ac.empty_latent(64, batch=2)
+    sigmas = comfy.samplers.calculate_sigmas(hard[2].reference.get_model_object("model_sampling"), "karras", 6)
+    for seed in (1, 2, 3):
+        guider = pack.nodes.DeRaDiffGuiderNode().get_guider(hard[2], cond, cond, 1.0, **{"lambda": LAM},
+                                                            particles=4)["result"][0]
+        noise = RandomNoise.execute(seed)[0]
+        out, denoised = SamplerCustomAdvanced.execute(noise, guider, comfy.samplers.sampler_object("euler_ancestral"),
+                                                      sigmas, latent)[:2]
+        torch.testing.assert_close(denoised["samples"], out["samples"], rtol=1e-5, atol=1e-5)
