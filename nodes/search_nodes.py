@@ -145,7 +145,8 @@ class DeRaDiffLambdaSearch:
     NODE = "DeRaDiff λ Search"
     DESCRIPTION = ("Finds the λ that maximises a reward model: samples a few λ for every prompt and seed "
                    "(one batched pass per round, as λ Sweep), fits a Gaussian process to the mean reward "
-                   "against λ, and picks the next λ by expected improvement, until the budget is spent. "
+                   "against λ (each λ's noise from the spread of its scores), and picks the next λ by the "
+                   "knowledge gradient, until the budget is spent. "
                    "Returns the best λ (connect it to DeRaDiff KSampler's λ), a plot of reward against λ, "
                    "the best λ's images and a table of every evaluation.")
     RETURN_TYPES = ("FLOAT", "IMAGE", "IMAGE", "STRING")

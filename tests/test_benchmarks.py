@@ -128,3 +128,29 @@ def test_bench_server_memory_soak_does_not_creep(comfy_root, tmp_path):
     assert soak["unowned_models"] == 0
     assert soak["pass"] and out.returncode == 0, (soak["failures"], out.stdout[-4000:], out.stderr[-3000:])
     assert "soak: PASS" in out.stdout
+
+
+def test_lambda_search_study_tiny(comfy_root, tmp_path):
+    """The λ Search precision study (issue 20, item 8) runs end to end through the pack's sweep: every
+    objective, noise regime and optimiser has its row, the target objective's score noise is much larger
+    at λ = 0 than at its optimum (what the study is about), the optimum is interior, and the same search
+    loaded a second time from its file finds exactly the same λ (the measurement is deterministic)."""
+    import json
+    run("benchmarks/aw_lambda_search.py", "--tiny", "--out", str(tmp_path),
+        "--compare-module", "sampler/lambda_search.py")
+    res = json.loads((tmp_path / "aw_lambda_search.json").read_text())
+    cfg = res["config"]
+    rows = {(r["objective"], r["regime"], r["optimiser"]): r for r in res["rows"]}
+    names = {"this checkout", "this checkout, variance pooled", "file lambda_search.py"}
+    assert set(rows) == {(o, g, n) for o in ("target", "reward_kl") for g in ("node", "fresh") for n in names}
+    for r in rows.values():
+        assert 0 <= r["hits"] <= r["reps"] == len(r["found"]) == cfg["reps"]
+        assert all(cfg["lo"] <= f <= cfg["hi"] for f in r["found"])
+    for (o, g, n), r in rows.items():
+        if n == "file lambda_search.py":
+            assert r["found"] == rows[(o, g, "this checkout")]["found"]
+    target = res["objectives"]["target"]
+    assert cfg["lo"] + 0.5 < target["lambda_star"] < cfg["hi"] - 0.5
+    level = next(iter(target["levels"].values()))
+    assert level["se_at_0"] > 3 * level["se_at_star"]
+    assert "criterion met" in (tmp_path / "aw_lambda_search.md").read_text()
