@@ -21,10 +21,12 @@ PARTICLES_INPUT = ("INT", {
 
 RESAMPLE_ESS_INPUT = ("FLOAT", {
     "default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
-    "tooltip": "Resample when the effective sample size falls below this fraction of the particles (0.5 is "
-               "the usual choice; 1 = every step, 0 = never: importance weights only). The threshold is at "
-               "least 1 + this value, so with 2 or 3 particles a particle that lost its weight is still "
-               "replaced (the ESS never drops below 1). Only used when particles > 1."})
+    "tooltip": "Resample when the effective sample size (ESS, between 1 and the number of particles N) falls "
+               "below this fraction of N, or below 1 + this value where that is higher: the threshold is "
+               "max(resample_ess × N, 1 + resample_ess), so small N resample too (the ESS never drops below 1, "
+               "so 0.5 × 2 could never be crossed; at 0.5, 2 particles resample when one holds under about "
+               "21 % of the weight, and N >= 4 below N/2 as before). 0.5 is the usual choice; 1 = every step, "
+               "0 = never (importance weights only). Only used when particles > 1."})
 
 
 def check_particles(node: str, kwargs, full_pass_every: int = 1):

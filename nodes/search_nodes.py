@@ -130,10 +130,11 @@ def particle_summary(particles: int, ess: dict) -> str:
     runs = [r for per_lam in ess.values() for r in per_lam if r["weighted_steps"]]
     if not runs:
         return f"{particles} particles per image: weights uniform (λ = 0 or 1 only)"
-    collapsed = sum(r["min_ess"] < 1.5 for r in runs)
+    from ..sampler.particles import COLLAPSE_ESS  # DeRaDiff KSampler's rule: one particle held > 90 %
+    collapsed = sum(r["min_ess"] < COLLAPSE_ESS for r in runs)
     return (f"{particles} particles per image: ESS min {min(r['min_ess'] for r in runs):.1f}, mean "
             f"{sum(r['mean_ess'] for r in runs) / len(runs):.1f} over {len(runs)} runs"
-            + (f"; weights collapsed in {collapsed}" if collapsed else ""))
+            + (f"; weights COLLAPSED in {collapsed} of them (ESS < {COLLAPSE_ESS:.2f})" if collapsed else ""))
 
 
 def _search_inputs():

@@ -204,13 +204,15 @@ def pick(x: torch.Tensor, choice: torch.Tensor, particles: int, site_dims: int =
 COLLAPSE_SHARE = 0.95
 COLLAPSE_ESS = 1.0 / COLLAPSE_SHARE ** 2
 
+
 @dataclass
 class ParticleState:
     """Log-weights, adaptive resampling and the ESS record of one sampling run.
 
-    ``resample_below``: resample when ESS < resample_below·N (0: never, importance weights only;
-    1: every weighted step), with a threshold of at least 1 + resample_below (``resample_threshold``). ``window``: (σ_low, σ_high); the weight integrand counts only at model
-    calls whose σ lies inside (None: every step), so no weight and no resampling outside it.
+    ``resample_below``: resample when ESS < max(resample_below·N, 1 + resample_below)
+    (``resample_threshold``; 0: never, importance weights only; 1: every weighted step).
+    ``window``: (σ_low, σ_high); the weight integrand counts only at model calls whose σ lies
+    inside (None: every step), so no weight and no resampling outside it.
     ``temper``: exponent on the weights (1 = the exact target; below 1 flattens them, a
     bias/variance trade-off used only in the studies)."""
     particles: int
@@ -272,10 +274,12 @@ class ParticleState:
         text = (f"{self.particles} particles: ESS min {s['min_ess']:.1f}, mean {s['mean_ess']:.1f} over "
                 f"{s['weighted_steps']} steps; resampled {s['resamples']}x")
         if collapsed:
-            text += (f"; weights COLLAPSED at {collapsed} step{'s' if collapsed > 1 else ''} (ESS < {COLLAPSE_ESS:.2f}: "
-                     f"one particle carried nearly all the weight, the others added nothing there)")
+            text += (f"; weights COLLAPSED at {collapsed} of {s['weighted_steps']} steps (ESS < "
+                     f"{COLLAPSE_ESS:.2f}: one particle held over {math.floor(100 * COLLAPSE_SHARE ** 2)} % of an "
+                     "image's weight)")
         return text
 
     def collapsed_steps(self) -> int:
-        """Weighted steps at which one particle carried (nearly) all the weight of some image."""
+        """Weighted steps at which one particle carried (nearly) all the weight of some image: ESS below
+        COLLAPSE_ESS, the same for every N (such a run has an ESS of about 1 whatever N)."""
         return sum(1 for r in self.record if r[2] < COLLAPSE_ESS)

@@ -175,36 +175,63 @@ def test_state_resamples_only_below_the_threshold_and_records_ess():
     assert anc is not None and anc[:, 0].tolist() == [0, 0, 0, 0]
     assert bool((state.logw == 0).all())
     assert [r[3] for r in state.record] == [False, True]
-    assert state.summary()["resamples"] == 1 and "COLLAPSED at 1 step " in state.summary_text()
+    assert state.summary()["resamples"] == 1 and "weights COLLAPSED at 1 of 2 steps" in state.summary_text()
     never = P.ParticleState(4, seed=0, resample_below=0.0)
     assert never.update(inc, 4.0) is None
 
 
+def _logw(shares):
+    """Log-weights [N, 1] giving these normalised shares."""
+    return torch.as_tensor(shares, dtype=torch.float64).log().reshape(-1, 1)
+
+
 def test_two_particles_resample_a_dead_one_with_the_default_threshold():
-    """With N = 2 the ESS lies in [1, 2]: 0.5·N = 1 could never be crossed. The threshold is at least
-    1 + resample_below, so a particle that lost (nearly) all its weight is replaced."""
+    """With N = 2 the ESS lies in [1, 2]: 0.5·N = 1 could never be crossed, so a particle that lost its
+    weight was carried to the end. The threshold is max(resample_below·N, 1 + resample_below): at the
+    default 0.5, two particles resample when one holds under (1 - 1/√3)/2 ≈ 21 % (the tooltip's figure)."""
     state = P.ParticleState(2, seed=0, resample_below=0.5)
-    assert state.resample_threshold == 1.5
     assert state.update(torch.tensor([[0.0], [-0.1]], dtype=torch.float64), 5.0) is None  # ESS ≈ 2
-    anc = state.update(torch.tensor([[0.0], [-6.0]], dtype=torch.float64), 4.0)  # ESS ≈ 1.005
+    anc = state.update(torch.tensor([[0.0], [-6.0]], dtype=torch.float64), 4.0)  # ESS ≈ 1.005: particle 1 dead
     assert anc is not None and anc[:, 0].tolist() == [0, 0]
-    # larger N keep resample_below·N (saved workflows mean what they meant), 0 still never resamples
-    assert P.ParticleState(8, seed=0, resample_below=0.5).resample_threshold == 4.0
-    assert P.ParticleState(2, seed=0, resample_below=0.0).resample_threshold == 0.0
+    edge = (1 - 1 / math.sqrt(3)) / 2
+    for share, fires in ((edge + 1e-3, False), (edge - 1e-3, True), (0.5, False)):
+        st = P.ParticleState(2, seed=0, resample_below=0.5)
+        assert (st.update(_logw([share, 1 - share]), 3.0) is not None) is fires, share
+    assert P.ParticleState(2, seed=0, resample_below=0.5).resample_threshold == pytest.approx(1.5)
+    # N = 3 at 0.5: 1.5 either way; larger N keep resample_below·N (saved workflows mean what they meant)
+    for n, below in ((3, 0.5), (4, 0.5), (8, 0.5), (8, 0.25), (32, 0.1), (2, 1.0)):
+        assert P.ParticleState(n, seed=0, resample_below=below).resample_threshold == pytest.approx(below * n)
+    # an 8-particle run at the default resamples below ESS 4, not above
+    eight = torch.tensor([0.3] + [0.1] * 7, dtype=torch.float64)  # ESS = 1/(0.09 + 7·0.01) = 6.25
+    assert P.ParticleState(8, seed=0, resample_below=0.5).update(_logw(eight / eight.sum()), 3.0) is None
+    # 0 still never resamples, even with a dead particle
+    assert P.ParticleState(2, seed=0, resample_below=0.0).update(_logw([0.999, 0.001]), 3.0) is None
 
 
 def test_summary_says_when_the_weights_collapsed_whatever_n():
-    for n in (2, 8):
+    """'weights COLLAPSED at k of M steps' when one particle held over 90 % of an image's weight (ESS below
+    COLLAPSE_ESS = 1/0.95², about 1.11), for every N; a 3:1 split of two particles is not a collapse."""
+    for n in (2, 8, 64):
         calm = P.ParticleState(n, seed=0, resample_below=0.0)
         calm.update(torch.linspace(0, -0.5, n, dtype=torch.float64).reshape(n, 1), 3.0)
-        assert "COLLAPSED" not in calm.summary_text() and calm.collapsed_steps() == 0
+        assert "COLLAPSED" not in calm.summary_text()
         dead = P.ParticleState(n, seed=0, resample_below=0.0)
-        dead.update(torch.tensor([0.0] + [-8.0] * (n - 1), dtype=torch.float64).reshape(n, 1), 3.0)
-        dead.update(torch.zeros(n, 1, dtype=torch.float64), 2.0)
-        assert dead.collapsed_steps() == 2 and "COLLAPSED at 2 steps" in dead.summary_text()
-    # N = 2 with a 3:1 split is not a collapse (the old "< 1.5" rule called it one)
+        dead.update(_logw([0.96] + [0.04 / (n - 1)] * (n - 1)), 3.0)  # one holds 96 %
+        dead.update(torch.zeros(n, 1, dtype=torch.float64), 2.0)  # still
+        dead.update(torch.tensor([0.0] + [math.log(0.96 * (n - 1) / 0.04)] * (n - 1), dtype=torch.float64
+                                 ).reshape(n, 1), 1.0)  # the others catch up: uniform again
+        assert "weights COLLAPSED at 2 of 3 steps" in dead.summary_text(), dead.summary_text()
+        assert dead.collapsed_steps() == 2 and calm.collapsed_steps() == 0
+        below_share = P.ParticleState(n, seed=0, resample_below=0.0)  # the largest share 0.89: no collapse
+        below_share.update(_logw([0.89] + [0.11 / (n - 1)] * (n - 1)), 3.0)
+        assert "COLLAPSED" not in below_share.summary_text()
+    # a batch: one image collapsed is enough
+    batch = P.ParticleState(2, seed=0, resample_below=0.0)
+    batch.update(torch.tensor([[0.0, 0.0], [0.0, -6.0]], dtype=torch.float64), 3.0)
+    assert "COLLAPSED at 1 of 1 steps" in batch.summary_text()
+    # two particles with a 3:1 split (ESS 1.6) are not collapsed (the old "< 1.5" rule was close to calling it one)
     split = P.ParticleState(2, seed=0, resample_below=0.0)
-    split.update(torch.tensor([[0.0], [-1.1]], dtype=torch.float64), 3.0)
+    split.update(_logw([0.75, 0.25]), 3.0)
     assert "COLLAPSED" not in split.summary_text()
 
 

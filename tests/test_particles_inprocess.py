@@ -128,7 +128,7 @@ def test_single_gaussian_world_weights_stay_uniform(pack, ac, monkeypatch):
         assert float(inc.std()) < 1e-4 * abs(float(inc.mean()))  # float32 model outputs
         assert float(inc.mean()) == pytest.approx(expected, rel=1e-4)
     assert state.summary()["resamples"] == 0 and state.summary()["min_ess"] == pytest.approx(4.0, abs=1e-6)
-    assert "ESS min 4.0" in out["ui"]["deradiff_particles"][0]
+    assert "ESS min 4.0" in out["ui"]["deradiff_particles"][0] and "COLLAPSED" not in out["ui"]["deradiff_particles"][0]
     # the control: separated modes give unequal weights
     _, _, pair_hard = _hard(ac, pack)
     node_sample(pack, ac, pair_hard, latent, "euler_ancestral", steps=8, particles=4)
@@ -209,10 +209,11 @@ def test_guider_node_through_a_custom_sampler_equals_the_ksampler_node(pack, ac,
     assert torch.equal(again, out)
 
 
-def test_sampler_custom_advanced_denoised_output_is_the_returned_particles(pack, ac, hard):
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "ddpm"])
+def test_sampler_custom_advanced_denoised_output_is_the_returned_particles(pack, ac, hard, sampler):
     """SamplerCustomAdvanced's denoised_output is the x0 its callback saw last: it must be the x0 of the
-    particle the run returns, not particle 0's. With euler_ancestral the last step lands on that x0,
-    so the two outputs are the same latent."""
+    particle the run returns, not particle 0's (issue 20: off by up to 20.9). Both kernels' last step
+    (to σ = 0) lands on that x0, so the two outputs are the same latent."""
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import RandomNoise, SamplerCustomAdvanced
     cond = ac.conditioning()
@@ -222,6 +223,46 @@ def test_sampler_custom_advanced_denoised_output_is_the_returned_particles(pack,
         guider = pack.nodes.DeRaDiffGuiderNode().get_guider(hard[2], cond, cond, 1.0, **{"lambda": LAM},
                                                             particles=4)["result"][0]
         noise = RandomNoise.execute(seed)[0]
-        out, denoised = SamplerCustomAdvanced.execute(noise, guider, comfy.samplers.sampler_object("euler_ancestral"),
+        out, denoised = SamplerCustomAdvanced.execute(noise, guider, comfy.samplers.sampler_object(sampler),
                                                       sigmas, latent)[:2]
         torch.testing.assert_close(denoised["samples"], out["samples"], rtol=1e-5, atol=1e-5)
+
+
+def test_two_particles_at_the_default_resample_ess_replace_a_dead_one(pack, ac, hard, monkeypatch):
+    """Issue 20: with 2 particles the ESS never drops below 1 = 0.5·2, so at the default resample_ess a
+    particle that had lost its weight was computed to the end. Now (threshold max(0.5·N, 1.5)) every weighted
+    step with ESS < 1.5 resamples, and the node's ESS line names the steps where the weights collapsed."""
+    from comfyui_deradiff.sampler import particle_sampler, particles
+    states = []
+    real = particles.ParticleState
+
+    def recording_state(*a, **k):
+        states.append(real(*a, **k))
+        return states[-1]
+    monkeypatch.setattr(particle_sampler, "ParticleState", recording_state)
+    latent = ac.empty_latent(64)
+    collapsed_runs = 0
+    for seed in (1, 2, 3):
+        out = node_sample(pack, ac, hard[2], latent, "euler_ancestral", seed=seed, particles=2)  # resample_ess: default
+        record = states[-1].record
+        assert any(r[2] < 1.5 for r in record), record  # the hard world's weights do drop here
+        assert all(r[3] == (r[2] < 1.5) for r in record), record  # resampled exactly where ESS < 1.5
+        text, k = out["ui"]["deradiff_particles"][0], sum(r[2] < particles.COLLAPSE_ESS for r in record)
+        if k:
+            assert f"weights COLLAPSED at {k} of {len(record)} steps" in text, text
+        else:
+            assert "COLLAPSED" not in text, text
+        collapsed_runs += k > 0
+    assert collapsed_runs > 0  # the line was seen saying it
+
+
+def test_lambda_search_counts_collapsed_runs_by_the_same_rule(pack):
+    """λ Search's ESS line counts a run as collapsed by DeRaDiff KSampler's rule (ESS < 1.11, one particle
+    held over 90 %), not ESS < 1.5 (a 3:1 split of two particles is not a collapse)."""
+    from comfyui_deradiff.nodes.search_nodes import particle_summary
+    runs = {0.5: [{"weighted_steps": 5, "min_ess": 1.45, "mean_ess": 1.8},
+                  {"weighted_steps": 5, "min_ess": 1.02, "mean_ess": 1.5}],
+            1.0: [{"weighted_steps": 0, "min_ess": 2.0, "mean_ess": 2.0}]}
+    text = particle_summary(2, runs)
+    assert "over 2 runs" in text and "weights COLLAPSED in 1 of them" in text, text
+    assert "COLLAPSED" not in particle_summary(2, {0.5: runs[0.5][:1]})
