@@ -66,8 +66,10 @@ class StepPlan:
                 return i
         return None
 
-    def is_full(self, sigma) -> bool:
-        if self.every == 1:
+    def is_full(self, sigma, inner: bool = False) -> bool:
+        """``inner``: an evaluation inside a step that is not the step's first (Heun's corrector lands
+        exactly on the next scheduled sigma, so only the sampler's step count can tell)."""
+        if self.every == 1 or inner:
             return True
         i = self.step_index(sigma)
         if i is None:

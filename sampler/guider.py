@@ -21,7 +21,8 @@ import comfy.samplers
 from . import difference_reuse
 from .difference_reuse import DifferenceMemory, StepPlan, cheaper_side
 from .mixing import mix_equal_variance, mix_per_sample
-from .schedules import PercentOfSigma, as_schedule
+from .schedules import PercentOfSigma, RunPosition, as_schedule
+from .step_clock import make_clock, ticking
 
 log = logging.getLogger("DeRaDiff")
 
@@ -192,7 +193,13 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
     # -- sampling set-up -------------------------------------------------------
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
                      disable_pbar, seed, *args, **kwargs):
-        self._percent_of = PercentOfSigma(self.inner_model.model_sampling.percent_to_sigma)
+        model_sampling = self.inner_model.model_sampling
+        custom_steps = len(self.schedule.values) if getattr(self.schedule, "counts_steps", False) else None
+        clock = None
+        if custom_steps or self.full_pass_every > 1:
+            clock = make_clock(model_sampling, sigmas, sampler, custom_steps)
+            callback = ticking(callback, clock)
+        self._percent_of = RunPosition(PercentOfSigma(model_sampling.percent_to_sigma), clock)
         self._memory.forget()
         self._memory.rescale = stale_rescale_for(self.inner_model.model_sampling)
         self._plan = StepPlan(self.full_pass_every, sigmas) if self.full_pass_every > 1 else None
@@ -236,6 +243,7 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
     # -- one model evaluation --------------------------------------------------
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         run = self._aligned_run
+        self._percent_of.place(timestep)
         lam = self.schedule.value_at(timestep, self._percent_of)
         if run is None or is_exactly(lam, 0.0):
             return super().predict_noise(x, timestep, model_options, seed)
@@ -244,7 +252,8 @@ class DeRaDiffGuider(comfy.samplers.CFGGuider):
             return self._denoise_aligned(run, x, timestep, model_options, sampler_post_cfg, seed)
         if not sampler_post_cfg:
             plan = self._plan
-            if plan is not None and not plan.is_full(timestep) and self._memory.ready(x.shape, [True]):
+            if (plan is not None and not plan.is_full(timestep, self._percent_of.inner)
+                    and self._memory.ready(x.shape, [True])):
                 return self._one_model_and_stale_difference(run, x, timestep, model_options, lam, seed)
             both = self._fused_predictions(x, timestep, model_options, seed) if self._fuse else None
             if both is not None:

@@ -41,7 +41,8 @@ from .difference_reuse import DifferenceMemory, StepPlan, cheaper_side
 from .guider import (ALIGNED_KEY, MULTIGPU_KEYS, aligned_model_options, can_fuse, conditioning_hooks_on, fits_twice,
                      is_exactly, mix, stale_rescale_for, warn_run_level_wrappers, without_multigpu)
 from .options_delta import added_since, merged, options_shape, select
-from .schedules import PercentOfSigma, as_schedule
+from .schedules import PercentOfSigma, RunPosition, as_schedule
+from .step_clock import make_clock, ticking
 
 log = logging.getLogger("DeRaDiff")
 
@@ -81,6 +82,7 @@ class RealignedCalcCondBatch:
         self.weight_patch_counts = {k: len(v) for k, v in realigned.patches.items()}
         self._run = None  # (sample_sigmas, aligned base options, percent_of) of the current run
         self._derived = None  # (options passed in, base, aligned options derived from them)
+        self.clock = None  # StepClock of the current run (custom λ schedule, full_pass_every > 1)
         self._depth = 0  # > 0 while this object evaluates: its own calc_cond_batch calls pass through
         self.evaluations = 0  # evaluations of the current run that reached the mix
         self.extra_evaluations = 0  # ... of them through the wrapper (not sampling_function's slot)
@@ -95,7 +97,8 @@ class RealignedCalcCondBatch:
         sample_sigmas = options.get("transformer_options", {}).get("sample_sigmas")
         if self._run is None or self._run[0] is not sample_sigmas:
             base = aligned_model_options(self.aligned_patcher, sample_sigmas)
-            self._run = (sample_sigmas, base, PercentOfSigma(model.model_sampling.percent_to_sigma))
+            self._run = (sample_sigmas, base, RunPosition(PercentOfSigma(model.model_sampling.percent_to_sigma),
+                                                          self.clock))
             self._memory.forget()
             self._memory.rescale = stale_rescale_for(model.model_sampling)
             self._fuse = None
@@ -168,6 +171,8 @@ class RealignedCalcCondBatch:
             def reference(o):
                 return comfy.samplers.calc_cond_batch(model, conds, x, sigma, o)
         _, base, percent_of = self._run_state(options, model)
+        if main:  # extra passes a guidance node makes at the same point are not steps of the sampler
+            percent_of.place(sigma)
         lam = self.schedule.value_at(sigma, percent_of)
         if is_exactly(lam, 0.0):
             return reference(options)
@@ -177,7 +182,7 @@ class RealignedCalcCondBatch:
             aligned_options = {k: v for k, v in aligned_options.items() if k != "context_handler"}
         aligned_model, context = self._aligned_model_and_context(model)
         plan = self._plan if main else None  # reuse only for the step's own evaluation
-        if (plan is not None and not is_exactly(lam, 1.0) and not plan.is_full(sigma)
+        if (plan is not None and not is_exactly(lam, 1.0) and not plan.is_full(sigma, percent_of.inner)
                 and self._memory.ready(x.shape, [True] * len(conds))):
             side = cheaper_side(lam)
             if side == "reference":
@@ -275,6 +280,27 @@ def hooks_on_aligned(aligned):
     return wrapper
 
 
+def counting_steps(function):
+    """OUTER_SAMPLE wrapper: a step clock for each run (which sampler, which slice of the schedule),
+    ticked by the sampler's per-step callback."""
+    def wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        schedule = function.schedule
+        custom_steps = len(schedule.values) if getattr(schedule, "counts_steps", False) else None
+        guider = executor.class_obj
+        model_sampling = guider.model_patcher.get_model_object("model_sampling")
+        function.clock = make_clock(model_sampling, sigmas, sampler, custom_steps, "DeRaDiff Realign Model")
+        args = list(args)
+        if len(args) >= 2:  # (denoise_mask, callback, ...) positionally, as CFGGuider.sample passes them
+            args[1] = ticking(args[1], function.clock)
+        else:
+            kwargs["callback"] = ticking(kwargs.get("callback"), function.clock)
+        try:
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            function.clock = None
+    return wrapper
+
+
 def realigned_model(pair, lam, full_pass_every=1):
     schedule = as_schedule(lam)
     model = pair.reference.clone()
@@ -303,6 +329,9 @@ def realigned_model(pair, lam, full_pass_every=1):
                                function.wrap_calc_cond_batch)
     model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ALIGNED_KEY + "_reached",
                                 lambda patcher: check_reached(function, patcher))
+    if getattr(schedule, "counts_steps", False) or function.full_pass_every > 1:
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ALIGNED_KEY + "_steps",
+                                   counting_steps(function))
     # the shape is taken with our own function in place, so only what comes after is "later"
     function.shape = options_shape(_options_as_sampled(model))
     return model

@@ -6,6 +6,10 @@ percent inputs (ConditioningSetTimestepRange, ControlNet start/end): p is the pe
 means the same thing however the steps are split (KSamplerAdvanced start/end steps,
 SplitSigmas, two-stage sampling), and multi-call samplers (Heun, DPM++ 2S, SDE) follow the
 same curve. Windows are half-open: "0 to 40 %" covers the steps that start before 40 %.
+
+``custom`` is the exception: one value per sampler step, whatever the scheduler's spacing.
+A ``StepClock`` says which step of the full schedule an evaluation belongs to (its offset
+places a KSamplerAdvanced part or a SplitSigmas half; the ComfyUI side finds it).
 """
 from __future__ import annotations
 
@@ -52,6 +56,94 @@ class PercentOfSigma:
         if p is None:
             p = self._memo[sigma] = invert_percent(lambda q: float(self.percent_to_sigma(q)), sigma)
         return p
+
+
+SIGMA_TOLERANCE = 1e-5  # relative: a sigma "equals" a scheduled one (float32 round trips)
+
+
+def step_of_sigma(sigmas, sigma: float) -> int:
+    """Index k of the step whose interval holds ``sigma``: the last k with sigmas[k] >= sigma (an
+    evaluation exactly at sigmas[k+1] opens step k+1; a midpoint evaluation stays in step k)."""
+    k = 0
+    for i, s in enumerate(sigmas[:-1]):
+        if s >= sigma * (1.0 - SIGMA_TOLERANCE):
+            k = i
+        else:
+            break
+    return k
+
+
+class StepClock:
+    """Which step of a run each model evaluation belongs to.
+
+    Every evaluation is placed by its sigma (``step_of_sigma``), except for samplers whose step ends
+    with a corrector evaluated exactly at the next step's sigma (Heun, Heun++): there the sampler's
+    per-step callback, which ComfyUI's samplers call after a step's first evaluation, tells them
+    apart: after the callback of step k, the first evaluation at or above sigmas[k+1] is step k's
+    corrector, the next one opens step k+1, and evaluations below sigmas[k+1] (Heun++'s second
+    corrector) are still step k. ``offset``: the run's first step in the full schedule.
+
+    ``place`` is called once per evaluation of the sampler (not for the extra passes a guidance
+    node makes at the same point); ``step`` and ``inner`` then describe that evaluation."""
+
+    def __init__(self, sigmas, offset: int = 0, corrector_steps: bool = False):
+        self.sigmas = [float(v) for v in sigmas]
+        self.offset = int(offset)
+        self.corrector_steps = corrector_steps
+        self.reported = -1  # the last step the sampler's callback reported
+        self._at_next = 0  # evaluations at or above sigmas[reported + 1] since that report
+        self.step = offset  # of the last placed evaluation, in the full schedule
+        self.inner = False  # the last placed evaluation is not its step's first (a corrector)
+
+    def on_step(self, i: int):
+        """The sampler's callback for step i (its first evaluation is done)."""
+        self.reported, self._at_next = int(i), 0
+
+    def place(self, sigma) -> int:
+        sigma = float(sigma)
+        last = max(0, len(self.sigmas) - 2)
+        k, inner = self.reported, False
+        if self.corrector_steps and 0 <= k < last:
+            if sigma >= self.sigmas[k + 1] * (1.0 - SIGMA_TOLERANCE):
+                self._at_next += 1
+                inner = self._at_next == 1
+                local = k if inner else k + 1
+            else:
+                local, inner = k, True
+        else:
+            local = min(step_of_sigma(self.sigmas, sigma), last)
+        self.step, self.inner = self.offset + local, inner
+        return self.step
+
+
+class RunPosition:
+    """Where an evaluation is in its run: absolute progress from the sigma (``PercentOfSigma``), and
+    the step (a ``StepClock``, when the run counts steps)."""
+
+    def __init__(self, percent_of, clock: StepClock | None = None):
+        self.percent_of = percent_of
+        self.clock = clock
+
+    def __call__(self, sigma) -> float:
+        return self.percent_of(sigma)
+
+    def place(self, sigma):
+        """Called once per sampler evaluation, before λ is read for it."""
+        if self.clock is not None:
+            self.clock.place(_first(sigma))
+
+    def step(self, sigma):
+        return None if self.clock is None else self.clock.step
+
+    @property
+    def inner(self) -> bool:
+        return self.clock is not None and self.clock.inner
+
+
+def _first(sigma):
+    if hasattr(sigma, "flatten"):
+        sigma = sigma.flatten()[0]
+    return float(sigma)
 
 
 def _window(p: float, start: float, end: float) -> float:
@@ -110,10 +202,20 @@ class LambdaSchedule:
 
     def value_at(self, sigma, percent_of=None) -> float:
         """λ for a model call at ``sigma``; ``percent_of`` maps it to absolute progress
-        (PercentOfSigma over the model's own schedule)."""
+        (PercentOfSigma over the model's own schedule, or a RunPosition, which also knows the
+        step: a custom schedule takes the value of that step, the last value past its end)."""
         if self.shape == "constant":
             return self.lambda_from
+        if self.shape == "custom":
+            step = getattr(percent_of, "step", None)
+            k = step(sigma) if step is not None else None
+            if k is not None:
+                return self.values[min(k, len(self.values) - 1)]
         return self.at_progress(percent_of(sigma) if percent_of is not None else 0.0)
+
+    @property
+    def counts_steps(self) -> bool:
+        return self.shape == "custom"
 
     def curve(self, points: int = 201) -> list[float]:
         return [self.at_progress(i / (points - 1)) for i in range(points)]

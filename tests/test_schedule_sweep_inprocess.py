@@ -199,3 +199,66 @@ def test_realigned_model_loads_both_models_and_follows_a_schedule(sd15, pack, co
     assert calls == [2, 2]
     assert any({id(sd15["ref"].model), id(sd15["aligned"].model)} <= {id(m.model) for m in c} for c in loads)
     torch.testing.assert_close(got, realign(pack, sd15, sched=sched), rtol=1e-4, atol=1e-3)
+
+
+# -- a custom schedule is one value per sampler step (issue 20, item 6) ----------------------------
+@pytest.fixture
+def lambdas_used(pack, monkeypatch):
+    """The λ each sampler evaluation got (what LambdaSchedule.value_at returned), in call order."""
+    from comfyui_deradiff.sampler.schedules import LambdaSchedule
+    seen = []
+    original = LambdaSchedule.value_at
+
+    def recording(self, sigma, percent_of=None):
+        value = original(self, sigma, percent_of)
+        seen.append(value)
+        return value
+    monkeypatch.setattr(LambdaSchedule, "value_at", recording)
+    return seen
+
+
+def custom(pack, values):
+    return schedule(pack, "custom", custom=", ".join(f"{v:g}" for v in values))[0]
+
+
+@pytest.mark.parametrize("scheduler", ["karras", "normal", "exponential", "sgm_uniform", "beta"])
+def test_custom_schedule_gives_each_step_its_own_value(sd15, pack, lambdas_used, scheduler):
+    values = [1, 1, 0.5, 0]
+    pack.nodes.DeRaDiffKSampler().sample(sd15["pair"], 3, 4, 5.0, "euler", scheduler, sd15["pos"], sd15["neg"],
+                                         sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
+    assert lambdas_used == values
+    lambdas_used.clear()
+    many = [round(0.05 * i, 2) for i in range(20)]
+    pack.nodes.DeRaDiffKSampler().sample(sd15["pair"], 3, 20, 5.0, "euler", scheduler, sd15["pos"], sd15["neg"],
+                                         sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, many)})
+    assert lambdas_used == many
+
+
+def test_custom_schedule_heun_corrector_belongs_to_its_step(sd15, pack, lambdas_used):
+    """Heun evaluates each step twice, the second time exactly at the next step's sigma: both
+    evaluations take the step's value (the last step, to sigma 0, is a plain Euler step)."""
+    values = [1, 0.5, 0.25, 0]
+    pack.nodes.DeRaDiffKSampler().sample(sd15["pair"], 3, 4, 5.0, "heun", "karras", sd15["pos"], sd15["neg"],
+                                         sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
+    assert lambdas_used == [1, 1, 0.5, 0.5, 0.25, 0.25, 0]
+
+
+def test_custom_schedule_in_parts_counts_the_full_schedules_steps(sd15, pack, lambdas_used):
+    """KSamplerAdvanced's start/end steps (Realign Model) and SplitSigmas halves (DeRaDiff Guider)
+    run a slice of the schedule: the values are those of the slice's own steps."""
+    import nodes
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import RandomNoise, SamplerCustomAdvanced
+    values = [1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    sched = custom(pack, values)
+    realigned = pack.nodes.DeRaDiffRealignModel().realign(sd15["pair"], **{"lambda": 1.0, "lambda_schedule": sched})[0]
+    nodes.KSamplerAdvanced().sample(realigned, "enable", 3, 8, 5.0, "euler", "karras", sd15["pos"], sd15["neg"],
+                                    sd15["latent"], 3, 6, "enable")
+    assert lambdas_used == values[3:6]
+    lambdas_used.clear()
+    guider = pack.nodes.DeRaDiffGuiderNode().get_guider(sd15["pair"], sd15["pos"], sd15["neg"], 5.0,
+                                                        **{"lambda": 1.0, "lambda_schedule": sched})["result"][0]
+    sigmas = comfy.samplers.calculate_sigmas(sd15["ref"].get_model_object("model_sampling"), "exponential", 8)
+    SamplerCustomAdvanced.execute(RandomNoise.execute(3)[0], guider, comfy.samplers.sampler_object("euler"),
+                                  sigmas[5:], sd15["latent"])
+    assert lambdas_used == values[5:]

@@ -103,3 +103,48 @@ def test_bad_schedules_are_refused():
     with pytest.raises(ValueError, match="'x' is not a number"):
         sch.parse_values("1, x")
     assert sch.parse_values("1, 0.5 0.25\n0") == [1.0, 0.5, 0.25, 0.0]
+
+
+# -- one value per sampler step (issue 20, item 6) ----------------------------------------------
+KARRAS_LIKE = [14.6, 4.0, 0.9, 0.1, 0.0]  # unevenly spaced, as karras spaces them
+
+
+def test_custom_values_are_taken_by_step_not_by_sigma_percent():
+    """'1, 1, 0.5, 0' over 4 unevenly spaced steps: one value per step (by percent of sigma the old rule gave
+    [1, 1, 0, 0] on karras 4 steps)."""
+    sched = sch.LambdaSchedule("custom", values=[1, 1, 0.5, 0])
+    position = sch.RunPosition(sch.PercentOfSigma(linear_percent_to_sigma), sch.StepClock(KARRAS_LIKE))
+    got = []
+    for sigma in KARRAS_LIKE[:-1]:
+        position.place(sigma)
+        got.append(sched.value_at(sigma, position))
+    assert got == [1, 1, 0.5, 0]
+
+
+def test_step_clock_offset_and_past_the_end():
+    clock = sch.StepClock(KARRAS_LIKE[2:], offset=2)  # the second half of a split schedule
+    sched = sch.LambdaSchedule("custom", values=[1, 0.9, 0.8, 0.7])
+    position = sch.RunPosition(sch.PercentOfSigma(linear_percent_to_sigma), clock)
+    position.place(0.9)
+    assert sched.value_at(0.9, position) == 0.8
+    position.place(0.1)
+    assert sched.value_at(0.1, position) == 0.7
+    longer = sch.RunPosition(None, sch.StepClock([9, 8, 7, 6, 5, 4, 0]))
+    longer.place(4)
+    assert sched.value_at(4, longer) == 0.7  # more steps than values: the last value holds
+
+
+def test_step_clock_heun_corrector_and_midpoints():
+    """Heun: callback after each step's first evaluation; the corrector lands exactly on the next sigma and
+    belongs to the step it corrects; a midpoint evaluation (DPM-2) belongs to the step it lies in."""
+    heun = sch.StepClock(KARRAS_LIKE, corrector_steps=True)
+    placed = []
+    for i in range(4):
+        placed.append((heun.place(KARRAS_LIKE[i]), heun.inner))
+        heun.on_step(i)
+        if KARRAS_LIKE[i + 1] > 0:
+            placed.append((heun.place(KARRAS_LIKE[i + 1]), heun.inner))
+    assert placed == [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True), (3, False)]
+    plain = sch.StepClock(KARRAS_LIKE)
+    assert [plain.place(s) for s in (14.6, 8.0, 4.0, 2.0, 0.9)] == [0, 0, 1, 1, 2]
+    assert not plain.inner
