@@ -23,7 +23,8 @@ FULL_PASS_INPUT = ("INT", {
     "default": 1, "min": 1, "max": 8,
     "tooltip": "Run both models only on every k-th step; the steps in between run ONE model and reuse "
                "the last difference between the two (the first step and the inner evaluations of "
-               "multi-step samplers always run both). 1 = exact DeRaDiff, two passes per step; 2 = 1.5 "
+               "multi-step samplers, Heun's corrector included, always run both). 1 = exact DeRaDiff, two "
+               "passes per step; 2 = 1.5 "
                "passes; 3 ≈ 1.33. Faster, slightly approximate: see README, 'Difference "
                "reuse', for the measured error. No effect at λ = 0 or 1 (one model anyway)."})
 

@@ -154,3 +154,17 @@ def test_lambda_search_study_tiny(comfy_root, tmp_path):
     level = next(iter(target["levels"].values()))
     assert level["se_at_0"] > 3 * level["se_at_star"]
     assert "criterion met" in (tmp_path / "aw_lambda_search.md").read_text()
+
+
+def test_heun_corrector_study_tiny(comfy_root, tmp_path):
+    """full_pass_every with Heun: the corrector (exactly on the next step's sigma) runs both models, so the
+    shipped rule costs more passes than letting it follow that step's plan, and stays at the k = 1 result
+    (the two rules must differ: the study would be vacuous if the corrector were never told apart)."""
+    import json
+    run("benchmarks/aw_heun_corrector.py", "--tiny", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "aw_heun_corrector.json").read_text())
+    assert rows
+    for r in rows:
+        full, reuse = r["corrector full"], r["corrector reuses"]
+        assert full["passes"] > reuse["passes"]
+        assert abs(full["vs1_err"]) <= abs(reuse["vs1_err"]) + 1e-9

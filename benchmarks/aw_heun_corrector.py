@@ -1,0 +1,94 @@
+"""Heun's corrector under difference reuse (``full_pass_every`` = k), in the alignment world.
+
+    python benchmarks/aw_heun_corrector.py            # results/aw_heun_corrector.md (+ .json)
+    python benchmarks/aw_heun_corrector.py --tiny --out /tmp/awh   # seconds, for the tests
+
+Heun's second evaluation of a step lands exactly on the next scheduled sigma. Two rules:
+"corrector full" (the shipped one: an evaluation that is not its step's first runs both models,
+as the full_pass_every tooltip says of every multi-step sampler's inner evaluations) and
+"corrector reuses" (the plan of the step whose sigma it lands on decides, what the sigma alone
+gives). Per world, λ and k: E[r] error against the exact p_(β/λ), the same at k = 1, the
+from-scratch floor, and model passes per step (counted). Uses benchmarks/aw_difference_reuse.py's
+worlds and measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import torch  # noqa: E402
+
+import aw_difference_reuse as adr  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+@contextlib.contextmanager
+def corrector_reuses(on: bool):
+    """on: StepPlan ignores the 'inner' flag, so the corrector follows its sigma's step plan."""
+    plan = adr.reuse_module().StepPlan
+    original = plan.is_full
+    if on:
+        plan.is_full = lambda self, sigma, inner=False: original(self, sigma, False)
+    try:
+        yield
+    finally:
+        plan.is_full = original
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--points", type=int, default=4096)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = replace(adr.TINY if args.tiny else adr.Config(points=args.points), samplers=("heun",))
+    lambdas = cfg.lambdas if args.tiny else (0.5, 1.5, 3.0)
+    ks = (2,) if args.tiny else (2, 3)
+    pack = adr.setup()
+    rows, t0 = [], time.time()
+    for world in cfg.worlds:
+        for lam in lambdas:
+            cells = {}
+            for rule, reuse in (("corrector full", False), ("corrector reuses", True)):
+                with corrector_reuses(reuse):
+                    cells[rule] = adr.measure(pack, world, "heun", lam, cfg, ks=ks, checks=False)
+            for k in ks:
+                rows.append({"world": world, "lam": lam, "k": k,
+                             "scratch_err": cells["corrector full"].get("scratch_err"),
+                             "se": cells["corrector full"]["se"],
+                             "k1_err": cells["corrector full"]["k"][1]["err"],
+                             **{rule: {"err": c["k"][k]["err"], "vs1_err": c["k"][k]["vs1_err"],
+                                       "passes": c["k"][k]["passes"]} for rule, c in cells.items()}})
+    command = "python benchmarks/aw_heun_corrector.py" + (" --tiny" if args.tiny else f" --points {args.points}")
+    lines = [f"Heun, {cfg.steps} steps {cfg.scheduler}, {cfg.points} points per run, seed {cfg.seed} "
+             f"(`{command}`, {time.time() - t0:.0f} s, {time.strftime('%Y-%m-%d')}).", "",
+             "| world | λ | k | E[r] err k=1 | corrector full: err / vs k=1 / passes | "
+             "corrector reuses: err / vs k=1 / passes | 2 SE |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f, u = r["corrector full"], r["corrector reuses"]
+        lines.append(f"| {r['world']} | {r['lam']:g} | {r['k']} | {r['k1_err']:+.3f} | {f['err']:+.3f} / "
+                     f"{f['vs1_err']:+.3f} / {f['passes']:.2f} | {u['err']:+.3f} / {u['vs1_err']:+.3f} / "
+                     f"{u['passes']:.2f} | {2 * r['se']:.3f} |")
+    full_better = sum(abs(r["corrector full"]["vs1_err"]) <= abs(r["corrector reuses"]["vs1_err"]) for r in rows)
+    lines += ["", f"Corrector full is as close to k = 1 as the reuse rule or closer in {full_better} of {len(rows)} cells."]
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "aw_heun_corrector.md").write_text(text)
+    (out / "aw_heun_corrector.json").write_text(json.dumps(rows, indent=1))
+    print(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
