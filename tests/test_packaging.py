@@ -31,6 +31,7 @@ PACK_DIR_NAME = "comfyui-deradiff"
 
 # What a user's ComfyUI needs from the pack, and what must stay out of the archive.
 MUST_SHIP = ["__init__.py", "LICENSE", "README.md", "pyproject.toml", "requirements.txt", "js/deradiff.js",
+             "locales/en/main.json",
              "nodes/__init__.py", "sampler/__init__.py"]
 MUST_SHIP_DIRS = ["nodes", "sampler", "js", "example_workflows"]
 MUST_NOT_SHIP = ["tests/", "benchmarks/", "scripts/", ".ci/", "docs/", ".gitignore", "test-artifacts/", ".cache/",
@@ -266,3 +267,14 @@ def test_comfy_cli_validate_and_pack(mirror, archive, tmp_path):
         packed = set(zf.namelist())
     assert packed == shipped, (f"comfy node pack: extra {sorted(packed - shipped)}, "
                                f"missing {sorted(shipped - packed)}")
+
+
+def test_locales_file_is_current(comfy_root):
+    """locales/en/main.json (the front end's nodeDefs: names, descriptions, tooltips) is made from the node
+    classes by scripts/make_locales.py; a tooltip changed without regenerating it fails here."""
+    import json
+    out = subprocess.run([sys.executable, "scripts/make_locales.py", "--check"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, DERADIFF_COMFYUI=str(comfy_root)))
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    defs = json.loads((REPO / "locales" / "en" / "main.json").read_text(encoding="utf-8"))["nodeDefs"]
+    assert defs["DeRaDiffKSampler"]["inputs"]["lambda"]["tooltip"]
