@@ -291,7 +291,7 @@ def _lambda_search():
         f"• {CLIP_L}/: huggingface.co/openai/clip-vit-large-patch14\n"
         f"• {AESTHETIC}: github.com/christophschuhmann/improved-aesthetic-predictor\n\n"
         "λ Search samples a few λ per round for both prompts and 2 seeds (the latent's batch), scores them with "
-        "PickScore, fits a Gaussian process and picks the next λ by expected improvement; the aesthetic score "
+        "PickScore, fits a Gaussian process and picks the next λ by the knowledge gradient; the aesthetic score "
         "is watched for reward hacking. Connect best_lambda to a DeRaDiff KSampler's λ to use it.")
     nodes = [
         _node("note", "Note", (0, 0), {"text": note}, size=(470, 520), title="DeRaDiff: find λ automatically"),
