@@ -920,8 +920,23 @@ def lora_file(beta: float) -> str:
     return f"loras/dpo_beta{beta:g}.safetensors"
 
 
+def save_safetensors(sd: dict, path: Path, metadata: dict | None = None):
+    """safetensors.torch.save_file with the same bytes every time: safetensors writes the metadata in
+    hash-map order, which changes from call to call, so the header is rewritten with sorted keys
+    (same length: only the order of the entries changes)."""
+    from safetensors.torch import save
+    raw = save(sd, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n, "a canonical safetensors header longer than the original"
+    Path(path).write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n:])
+
+
 def write_family(build: Build, loras: dict, results: dict, out: Path) -> dict:
-    from safetensors.torch import save_file
+    save_file = save_safetensors
     out = Path(out)
     (out / "loras").mkdir(parents=True, exist_ok=True)
     (out / "reward").mkdir(parents=True, exist_ok=True)
@@ -930,7 +945,7 @@ def write_family(build: Build, loras: dict, results: dict, out: Path) -> dict:
     save_file(unet_sd, str(out / "unet_reference.safetensors"))
     save_file({k: v.half().contiguous() for k, v in build.vae().state_dict().items()}, str(out / "vae_taesd.safetensors"))
     for beta, sd in loras.items():
-        save_file(sd, str(out / lora_file(beta)), metadata={"beta_dpo": f"{beta:g}", "format": "kohya lora_unet"})
+        save_file(sd, out / lora_file(beta), metadata={"beta_dpo": f"{beta:g}", "format": "kohya lora_unet"})
     write_reward_folder(out / "reward")
     import shutil
     if build.path("eval", "grid.png").exists():

@@ -336,3 +336,19 @@ def test_a_second_build_reuses_every_part_and_keeps_the_timings(tf, tiny, tmp_pa
     assert {k: v for k, v in second["timings_s"].items() if k != "write"} == {
         k: v for k, v in manifest["timings_s"].items() if k != "write"}
     assert second["sha256"] == manifest["sha256"]
+
+
+def test_lora_files_are_byte_for_byte_reproducible(tf, tmp_path):
+    """safetensors writes metadata in hash-map order (it changes from call to call): the family's files
+    must not, or a rebuild or a second machine gives other hashes than family.json."""
+    from safetensors import safe_open
+    sd = {"b.weight": torch.arange(6, dtype=torch.float16).view(2, 3), "a.alpha": torch.tensor(2.0)}
+    meta = {f"key{i}": str(i) for i in range(8)}
+    digests = set()
+    for i in range(6):
+        tf.save_safetensors(sd, tmp_path / f"{i}.safetensors", metadata=meta)
+        digests.add(tf.sha256(tmp_path / f"{i}.safetensors"))
+    assert len(digests) == 1
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == meta
+        assert torch.equal(f.get_tensor("b.weight"), sd["b.weight"])
