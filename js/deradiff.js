@@ -84,6 +84,8 @@ function fmt(v) {
 }
 
 // The λ curve over the denoising progress, a mark per step, β/λ at both ends when β is known.
+// A custom list is one value per sampler step: drawn over the sampler's steps (preview_steps, or
+// the list's length if longer), the last value held past its end, as the samplers use it.
 export function drawSchedule(canvas, preview, steps, beta, text) {
   const dpr = window.devicePixelRatio || 1;
   const w = Math.max(120, canvas.clientWidth || 400), h = Math.max(80, canvas.clientHeight || 200);
@@ -99,8 +101,13 @@ export function drawSchedule(canvas, preview, steps, beta, text) {
     g.fillText("Queue the prompt to draw the λ curve.", 8, 18);
     return;
   }
-  const curve = preview.curve;
-  const marks = preview.custom_steps || steps;
+  const values = preview.custom_values;
+  const marks = values?.length ? Math.max(values.length, steps) : preview.custom_steps || steps;
+  // per step: the value at both ends of the step's interval, so the drawing is a staircase
+  const curve = values?.length
+    ? Array.from({ length: 2 * marks }, (_, i) => values[Math.min(i >> 1, values.length - 1)])
+    : preview.curve;
+  const at = values?.length ? (i) => ((i >> 1) + (i & 1)) / marks : (i) => i / (curve.length - 1);
   const [left, right, top, bottom] = [44, 12, 24, 30];
   const hi = Math.max(1, ...curve) * 1.1;
   const px = (p) => left + p * (w - left - right);
@@ -127,10 +134,12 @@ export function drawSchedule(canvas, preview, steps, beta, text) {
   g.strokeStyle = "rgb(255,170,60)";
   g.lineWidth = 2;
   g.beginPath();
-  curve.forEach((v, i) => (i ? g.lineTo : g.moveTo).call(g, px(i / (curve.length - 1)), py(v)));
+  curve.forEach((v, i) => (i ? g.lineTo : g.moveTo).call(g, px(at(i)), py(v)));
   g.stroke();
   g.lineWidth = 1;
-  g.fillText(`0 %   denoising progress (${marks} steps)   100 %`, left, h - bottom + 20);
+  g.fillText(values?.length
+    ? `step 1 … ${marks}: one λ per sampler step${marks > values.length ? `, the last held from step ${values.length + 1}` : ""}`
+    : `0 %   denoising progress (${marks} steps)   100 %`, left, h - bottom + 20);
   g.fillStyle = "rgb(220,220,230)";
   const ends = (v) => (v === 0 ? "∞" : fmt(beta / v));
   g.fillText(beta ? `β = ${beta}; β/λ: start ${ends(curve[0])}, end ${ends(curve[curve.length - 1])}`

@@ -12,8 +12,9 @@ class DeRaDiffLambdaSchedule:
                    "(replaces their constant λ). Percents are absolute, like ComfyUI's own start/end "
                    "percent inputs: λ is evaluated from the sigma each model call is made at, on the "
                    "model's noise schedule, so multi-call samplers, img2img and two-stage sampling "
-                   "(KSamplerAdvanced start/end steps, SplitSigmas) all follow the same curve. Steps "
-                   "where λ is exactly 0 or 1 run only the model they need.")
+                   "(KSamplerAdvanced start/end steps, SplitSigmas) all follow the same curve. custom "
+                   "is one value per sampler step instead (whatever the scheduler; a split run takes its "
+                   "own steps' values). Steps where λ is exactly 0 or 1 run only the model they need.")
     RETURN_TYPES = (SCHEDULE_TYPE,)
     RETURN_NAMES = ("lambda_schedule",)
     OUTPUT_TOOLTIPS = ("Connect to the lambda_schedule input of a DeRaDiff sampler node.",)
@@ -27,7 +28,7 @@ class DeRaDiffLambdaSchedule:
                 "shape": (list(SHAPES), {"default": "linear", "tooltip":
                     "constant: λ from. linear / cosine / ease_in / ease_out: from → to inside the "
                     "window (from before it, to after it). interval: λ from inside the window, λ outside "
-                    "elsewhere. custom: one value per step from custom_values or custom_floats."}),
+                    "elsewhere. custom: one value per sampler step from custom_values or custom_floats."}),
                 "lambda_from": ("FLOAT", dict(LAM, default=1.0, tooltip="λ at the start of the ramp, the constant λ, or λ inside the interval.")),
                 "lambda_to": ("FLOAT", dict(LAM, default=0.0, tooltip="λ at the end of the ramp.")),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -39,8 +40,11 @@ class DeRaDiffLambdaSchedule:
                                                      "the steps that start before 40 %, e.g. 8 of 20 steps."}),
                 "lambda_outside": ("FLOAT", dict(LAM, default=0.0, tooltip="interval only: λ outside the window.")),
                 "custom_values": ("STRING", {"default": "1, 1, 1, 0.5, 0", "multiline": False,
-                                             "tooltip": "custom only: one λ per step, separated by commas. "
-                                                        "A list of another length is stretched over the steps."}),
+                                             "tooltip": "custom only: one λ per sampler step, separated by commas: the "
+                                                        "k-th value is the k-th step's, for every scheduler (Heun's "
+                                                        "corrector takes its step's value; a KSamplerAdvanced part or "
+                                                        "SplitSigmas half takes its own steps' values). Past the last "
+                                                        "value the last one holds; values past the sampler's last step are not used."}),
             },
             "optional": {
                 # Drawn in the editor only: the front end leaves it out of the prompt, so changing it
@@ -48,7 +52,7 @@ class DeRaDiffLambdaSchedule:
                 "preview_steps": ("INT", {"default": 20, "min": 1, "max": 1000,
                                           "tooltip": "Steps to mark on the preview (the sampler's steps). "
                                                      "Only changes the drawing: nothing is re-run."}),
-                "custom_floats": ("FLOATS", {"tooltip": "custom only: per-step λ values from another node; overrides custom_values."}),
+                "custom_floats": ("FLOATS", {"tooltip": "custom only: one λ per sampler step from another node (as custom_values); overrides custom_values."}),
                 "pair": (PAIR_TYPE, {"tooltip": "Optional: the pair, to show the emulated β/λ when its β is known."}),
             },
         }
@@ -83,8 +87,11 @@ class DeRaDiffLambdaSchedule:
             raise NodeInputError(self.NODE, "end_percent", f"end_percent ({end_percent}) is before start_percent ({start_percent})")
         schedule = LambdaSchedule(shape, lambda_from, lambda_to, start_percent, end_percent, lambda_outside, values)
         # The editor draws the preview from the curve (step marks and β/λ are its own, so they
-        # change without a run); a custom list marks its own entries.
+        # change without a run); a custom list is drawn per sampler step from its values (the last
+        # one held up to preview_steps, as the samplers hold it).
         preview = {"curve": schedule.curve(), "custom_steps": len(values) if shape == "custom" else 0,
                    "beta": float(getattr(pair, "beta", 0.0) or 0.0)}
+        if shape == "custom":
+            preview["custom_values"] = list(values)
         return {"ui": {"deradiff": [schedule.describe()], "deradiff_preview": [preview]},
                 "result": (schedule,)}

@@ -77,11 +77,13 @@ class StepClock:
     """Which step of a run each model evaluation belongs to.
 
     Every evaluation is placed by its sigma (``step_of_sigma``), except for samplers whose step ends
-    with a corrector evaluated exactly at the next step's sigma (Heun, Heun++): there the sampler's
-    per-step callback, which ComfyUI's samplers call after a step's first evaluation, tells them
-    apart: after the callback of step k, the first evaluation at or above sigmas[k+1] is step k's
-    corrector, the next one opens step k+1, and evaluations below sigmas[k+1] (Heun++'s second
-    corrector) are still step k. ``offset``: the run's first step in the full schedule.
+    with a corrector evaluated at the next step's sigma (Heun, Heun++, the exponential Heun samplers):
+    there the sampler's per-step callback, which ComfyUI's samplers call after a step's first
+    evaluation, tells them apart: after the callback of step k, the first evaluation at or near
+    sigmas[k+1] (nearer to it than to sigmas[k+2]: the exponential Heun samplers reach it through a
+    log-SNR round trip, a float rounding away) is step k's corrector, the next one opens step k+1,
+    and evaluations further down (Heun++'s second corrector, at sigmas[k+2]) are still step k.
+    ``offset``: the run's first step in the full schedule.
 
     ``place`` is called once per evaluation of the sampler (not for the extra passes a guidance
     node makes at the same point); ``step`` and ``inner`` then describe that evaluation."""
@@ -91,7 +93,7 @@ class StepClock:
         self.offset = int(offset)
         self.corrector_steps = corrector_steps
         self.reported = -1  # the last step the sampler's callback reported
-        self._at_next = 0  # evaluations at or above sigmas[reported + 1] since that report
+        self._at_next = 0  # evaluations at or near sigmas[reported + 1] since that report
         self.step = offset  # of the last placed evaluation, in the full schedule
         self.inner = False  # the last placed evaluation is not its step's first (a corrector)
 
@@ -104,7 +106,7 @@ class StepClock:
         last = max(0, len(self.sigmas) - 2)
         k, inner = self.reported, False
         if self.corrector_steps and 0 <= k < last:
-            if sigma >= self.sigmas[k + 1] * (1.0 - SIGMA_TOLERANCE):
+            if sigma >= (self.sigmas[k + 1] + self.sigmas[k + 2]) / 2.0:
                 self._at_next += 1
                 inner = self._at_next == 1
                 local = k if inner else k + 1
@@ -196,7 +198,8 @@ class LambdaSchedule:
         return self.lambda_from + (self.lambda_to - self.lambda_from) * t
 
     def _custom(self, p: float) -> float:
-        # one value per step: step k covers progress [k/n, (k+1)/n)
+        # only without a step clock (the preview curve, a call outside a sampling run): the list
+        # spread evenly over the progress, step k covering [k/n, (k+1)/n)
         n = len(self.values)
         return self.values[min(n - 1, int(p * n + EDGE_TOLERANCE))]
 
@@ -243,7 +246,8 @@ class LambdaSchedule:
         if self.shape == "constant":
             return f"λ = {self.lambda_from:g}"
         if self.shape == "custom":
-            return "λ per step: " + ", ".join(f"{v:g}" for v in self.values)
+            return ("λ per sampler step: " + ", ".join(f"{v:g}" for v in self.values)
+                    + f" (the last holds after step {len(self.values)})")
         window = f"{self.start_percent:.0%}–{self.end_percent:.0%}"
         if self.shape == "interval":
             return f"λ = {self.lambda_from:g} in {window}, {self.lambda_outside:g} outside"

@@ -15,8 +15,10 @@ from .schedules import SIGMA_TOLERANCE, StepClock
 
 log = logging.getLogger("DeRaDiff")
 
-# k-diffusion samplers whose step ends with a model call exactly at the next step's sigma
-CORRECTOR_SAMPLERS = {"sample_heun", "sample_heunpp2"}
+# k-diffusion samplers whose step ends with a model call at the next step's sigma (a corrector):
+# heun, heunpp2, and on newer ComfyUI exp_heun_2_x0 / exp_heun_2_x0_sde (SEEDS-2 with r = 1, whose
+# second evaluation is at the step's end, through a log-SNR round trip)
+CORRECTOR_SAMPLERS = {"sample_heun", "sample_heunpp2", "sample_exp_heun_2_x0", "sample_exp_heun_2_x0_sde"}
 
 
 def sampler_function_name(sampler) -> str:
@@ -48,13 +50,18 @@ def run_offset(model_sampling, sigmas, steps: int, what: str = "DeRaDiff") -> in
     if len(run) - 1 >= steps:
         return 0
     head = run[:-1] if run and run[-1] == 0.0 else run
-    offsets = set()
-    for _, full in _candidate_schedules(model_sampling, steps):
+    offsets, schedules = set(), list(_candidate_schedules(model_sampling, steps))
+    for _, full in schedules:
         for j in range(0, len(full) - len(head) + 1):
             if all(_close(a, b) for a, b in zip(full[j:j + len(head)], head)):
                 offsets.add(j)
     if len(offsets) == 1:
         return offsets.pop()
+    if not offsets and head and any(_close(full[0], head[0]) for _, full in schedules):
+        # starts where ComfyUI's schedules start: a whole run with fewer steps than values
+        log.warning("%s: a custom λ schedule has %d values but this run has only %d steps: the values "
+                    "after the first %d are not used.", what, steps, len(run) - 1, len(run) - 1)
+        return 0
     log.warning("%s: a custom λ schedule has %d values but this run has %d steps%s; its values are used "
                 "from the run's first step.", what, steps, len(run) - 1,
                 " that sit at several places of ComfyUI's schedules" if offsets else

@@ -113,6 +113,36 @@ def test_inner_evaluations_of_multi_step_samplers_run_both_models(sd15):
     del pair
 
 
+@pytest.mark.parametrize("path", ["ksampler", "realign_model"])
+@pytest.mark.parametrize("sampler", ["heun", "exp_heun_2_x0"])
+def test_heun_corrector_runs_both_models(sd15, sampler, path):
+    """Heun's corrector (and the exponential Heun sampler's, ComfyUI 0.33) lands on the next step's sigma;
+    it runs both models whatever that step's plan (measured: benchmarks/results/aw_heun_corrector.md).
+    The evaluations, stated independently: step i at sigmas[i] (both models iff i % k == 0), then its
+    corrector at sigmas[i + 1] unless that is the end (0)."""
+    import comfy.samplers
+    if sampler not in comfy.samplers.KSAMPLER_NAMES:
+        pytest.skip(f"{sampler} is not in this ComfyUI")
+    every, lam = 2, 0.4  # λ <= 0.5: the reuse steps run the reference
+    pack = sd15["pack"]
+    sigmas = sigmas_of(sd15, sampler=sampler)
+    correctors = [sigmas[i + 1] for i in range(STEPS) if sigmas[i + 1] > 0]
+    want_aligned = sorted([sigmas[i] for i in range(STEPS) if i % every == 0] + correctors)
+    seen = []
+    ref, aligned = recording(sd15["ref"], seen, "ref"), recording(sd15["aligned"], seen, "al")
+    pair = make_pair(pack, ref, aligned)
+    with count_unet_calls(sd15["ref"], sd15["aligned"]) as calls:
+        if path == "ksampler":
+            run(sd15, pair, lam, every=every, sampler=sampler)
+        else:
+            model = pack.nodes.DeRaDiffRealignModel().realign(pair, **{"lambda": lam, "full_pass_every": every})[0]
+            ksampler(model, sd15["latent"], sd15["pos"], sd15["neg"], seed=5, steps=STEPS, sampler=sampler)
+    assert calls == [STEPS + len(correctors), len(want_aligned)]
+    if path == "ksampler":  # the aligned model's own post-CFG hook sees each of its evaluations' sigma
+        got = sorted(s for name, s, _ in seen if name == "al")
+        assert got == pytest.approx(want_aligned, rel=1e-4)
+
+
 @pytest.mark.parametrize("lam,idle", [(0.0, 1), (1.0, 0)])
 def test_lambda_0_and_1_still_run_one_model_bit_for_bit(sd15, lam, idle):
     ref, aligned = sd15["ref"], sd15["aligned"]

@@ -99,6 +99,7 @@ def test_floats_input_and_preview_data(sd15, pack, comfy):
     assert sched.values == [1.0, 0.5, 0.25, 0.0]
     (preview,) = ui["deradiff_preview"]
     assert preview["custom_steps"] == 4 and preview["beta"] == 5000.0
+    assert preview["custom_values"] == [1.0, 0.5, 0.25, 0.0]  # drawn one per sampler step, the last held
     assert preview["curve"] == sched.curve() and preview["curve"][0] == 1.0 and preview["curve"][-1] == 0.0
     json.dumps(ui)  # what the server sends to the editor
     # preview_steps only changes the drawing: leaving it out (as the editor does) builds the same schedule
@@ -234,13 +235,36 @@ def test_custom_schedule_gives_each_step_its_own_value(sd15, pack, lambdas_used,
     assert lambdas_used == many
 
 
-def test_custom_schedule_heun_corrector_belongs_to_its_step(sd15, pack, lambdas_used):
-    """Heun evaluates each step twice, the second time exactly at the next step's sigma: both
-    evaluations take the step's value (the last step, to sigma 0, is a plain Euler step)."""
+# λ of each evaluation over 4 karras steps with values '1, 0.5, 0.25, 0', by the sampler's own loop: Heun and the
+# exponential Heun samplers (ComfyUI 0.33: SEEDS-2 with r = 1) evaluate each step twice, the second time at the
+# next step's sigma, and the last step (to sigma 0) once; Heun++ adds a third evaluation at the sigma after that
+# while two steps remain.
+CORRECTOR_RUNS = {"heun": [1, 1, 0.5, 0.5, 0.25, 0.25, 0],
+                  "exp_heun_2_x0": [1, 1, 0.5, 0.5, 0.25, 0.25, 0],
+                  "exp_heun_2_x0_sde": [1, 1, 0.5, 0.5, 0.25, 0.25, 0],
+                  "heunpp2": [1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0]}
+
+
+@pytest.mark.parametrize("sampler", sorted(CORRECTOR_RUNS))
+def test_custom_schedule_heun_corrector_belongs_to_its_step(sd15, pack, lambdas_used, sampler):
+    """Every evaluation of a step, the corrector at the next step's sigma included, takes the step's value."""
+    import comfy.samplers
+    if sampler not in comfy.samplers.KSAMPLER_NAMES:
+        pytest.skip(f"{sampler} is not in this ComfyUI")
     values = [1, 0.5, 0.25, 0]
-    pack.nodes.DeRaDiffKSampler().sample(sd15["pair"], 3, 4, 5.0, "heun", "karras", sd15["pos"], sd15["neg"],
+    pack.nodes.DeRaDiffKSampler().sample(sd15["pair"], 3, 4, 5.0, sampler, "karras", sd15["pos"], sd15["neg"],
                                          sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
-    assert lambdas_used == [1, 1, 0.5, 0.5, 0.25, 0.25, 0]
+    assert lambdas_used == CORRECTOR_RUNS[sampler]
+
+
+def test_custom_schedule_longer_than_the_run_says_which_values_are_unused(sd15, pack, lambdas_used, caplog):
+    import logging
+    caplog.set_level(logging.WARNING, logger="DeRaDiff")
+    values = [1, 0.5, 0.25, 0, 0.75, 0.75]
+    pack.nodes.DeRaDiffKSampler().sample(sd15["pair"], 3, 4, 5.0, "euler", "karras", sd15["pos"], sd15["neg"],
+                                         sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
+    assert lambdas_used == values[:4]
+    assert "6 values but this run has only 4 steps: the values after the first 4 are not used" in caplog.text
 
 
 def test_custom_schedule_in_parts_counts_the_full_schedules_steps(sd15, pack, lambdas_used):

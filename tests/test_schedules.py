@@ -64,7 +64,7 @@ def test_shapes():
     custom = sch.LambdaSchedule("custom", values=[0, 0, 1, 1, 0.5])
     five = sigmas_for(5)
     assert [custom.value_at(s, PERCENT_OF) for s in five[:-1]] == [0, 0, 1, 1, 0.5]
-    # a list of another length is stretched over the steps
+    # without a step clock (no sampler run: the preview's curve) a list of another length is spread over the progress
     stretched = sch.LambdaSchedule("custom", values=[0, 1])
     assert [stretched.value_at(s, PERCENT_OF) for s in five[:-1]] == [0, 0, 0, 1, 1]  # steps start at 0,20,40,60,80 %
 
@@ -148,3 +148,23 @@ def test_step_clock_heun_corrector_and_midpoints():
     plain = sch.StepClock(KARRAS_LIKE)
     assert [plain.place(s) for s in (14.6, 8.0, 4.0, 2.0, 0.9)] == [0, 0, 1, 1, 2]
     assert not plain.inner
+
+
+def test_step_clock_corrector_a_float_rounding_below_the_next_sigma():
+    """The exponential Heun samplers (ComfyUI 0.33: exp_heun_2_x0, exp_heun_2_x0_sde) reach the next sigma through a
+    log-SNR round trip, a rounding below or above it: that corrector is still its step's, and the next evaluation at
+    the sigma itself opens the next step."""
+    for rounding in (-3e-5, 3e-5):
+        clock = sch.StepClock(KARRAS_LIKE, corrector_steps=True)
+        placed = []
+        for i in range(4):
+            placed.append((clock.place(KARRAS_LIKE[i]), clock.inner))
+            clock.on_step(i)
+            if KARRAS_LIKE[i + 1] > 0:
+                placed.append((clock.place(KARRAS_LIKE[i + 1] * (1 + rounding)), clock.inner))
+        assert placed == [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True), (3, False)], rounding
+
+
+def test_custom_schedule_describes_itself_per_sampler_step():
+    text = sch.LambdaSchedule("custom", values=[1, 1, 0.5, 0]).describe()
+    assert text == "λ per sampler step: 1, 1, 0.5, 0 (the last holds after step 4)"
