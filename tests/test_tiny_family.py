@@ -352,3 +352,22 @@ def test_lora_files_are_byte_for_byte_reproducible(tf, tmp_path):
     with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
         assert f.metadata() == meta
         assert torch.equal(f.get_tensor("b.weight"), sd["b.weight"])
+
+
+def test_a_vae_that_loses_the_colour_stops_the_build(tf, tmp_path):
+    """A 2-step VAE keeps little of the data's colourfulness: with the real threshold the build stops at the VAE,
+    naming what to change, and writes nothing after it."""
+    cfg = tf.Config.tiny()
+    cfg.vae_min_colour = 0.9
+    build = tf.Build(cfg, tmp_path / "cache", log=lambda s: None)
+    with pytest.raises(RuntimeError, match="colourfulness.*vae_steps.*vae_chroma_weight"):
+        build.vae()
+    assert not build.final_path("vae").exists()
+
+
+def test_chroma_is_the_colour_alone(tf):
+    grey = torch.full((1, 3, 2, 2), 0.4)
+    assert torch.equal(tf.chroma(grey), torch.zeros_like(grey))
+    red = torch.zeros(1, 3, 1, 1)
+    red[0, 0] = 0.9
+    assert torch.allclose(tf.chroma(red).flatten(), torch.tensor([0.6, -0.3, -0.3]))
