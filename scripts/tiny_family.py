@@ -1011,7 +1011,11 @@ def full_unet_name(beta: float) -> str:
 
 
 def load_manifest(family: Path = FAMILY_DIR) -> dict:
-    return json.loads((Path(family) / "family.json").read_text())
+    path = Path(family) / "family.json"
+    if not path.exists():
+        raise SystemExit(f"no tiny family in {Path(family)} (no family.json): build it with "
+                         "`python scripts/tiny_family.py build` (about 40 minutes on 2 CPU cores)")
+    return json.loads(path.read_text())
 
 
 def materialize(family: Path = FAMILY_DIR, models: Path = MODELS_DIR, force: bool = False) -> dict:
