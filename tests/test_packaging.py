@@ -278,3 +278,82 @@ def test_locales_file_is_current(comfy_root):
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     defs = json.loads((REPO / "locales" / "en" / "main.json").read_text(encoding="utf-8"))["nodeDefs"]
     assert defs["DeRaDiffKSampler"]["inputs"]["lambda"]["tooltip"]
+
+
+# -- registry metadata and the publish workflow -----------------------------------------------
+
+def test_requires_comfyui_and_classifiers(pyproject):
+    """requires-comfyui (read by comfy-cli under [tool.comfy]) is the oldest ComfyUI the suite runs on."""
+    comfy = pyproject["tool"]["comfy"]
+    assert "requires-comfyui" not in pyproject["project"], "comfy-cli reads requires-comfyui under [tool.comfy] only"
+    spec = comfy["requires-comfyui"]
+    m = re.fullmatch(r">=(\d+)\.(\d+)\.(\d+)", spec)
+    assert m, spec
+    runtime = (REPO / "scripts" / "comfyui_runtime.py").read_text()
+    pinned = re.search(r"ComfyUI (\d+\.\d+\.\d+) tree is unpacked", runtime)
+    assert pinned, "scripts/comfyui_runtime.py names the ComfyUI version the tests install"
+    assert spec == f">={pinned.group(1)}"
+    default_tree = REPO / ".cache" / "comfyui" / "comfyui_version.py"
+    if default_tree.exists():  # the tree the tests install is that version
+        assert f'"{pinned.group(1)}"' in default_tree.read_text()
+    classifiers = pyproject["project"].get("classifiers", [])
+    assert classifiers and all(c.startswith(("Operating System ::", "Environment :: GPU ::", "Environment :: NPU ::"))
+                               for c in classifiers), classifiers
+
+
+def _publish_workflow():
+    import yaml
+    data = yaml.safe_load((REPO / ".github" / "workflows" / "publish.yml").read_text())
+    return data, data.get("on", data.get(True))  # YAML 1.1 reads the key `on` as true
+
+
+def test_publish_workflow_structure():
+    data, on = _publish_workflow()
+    assert "workflow_dispatch" in on
+    assert on["push"]["branches"] == ["main"] and on["push"]["paths"] == ["pyproject.toml"]
+    (job,) = data["jobs"].values()
+    assert job["runs-on"].startswith("ubuntu")
+    steps = job["steps"]
+    assert steps[0]["uses"].startswith("actions/checkout@") and steps[0]["with"]["fetch-depth"] >= 2
+    publish = [s for s in steps if s.get("uses", "").startswith("Comfy-Org/publish-node-action@")]
+    assert len(publish) == 1
+    assert publish[0]["with"]["personal_access_token"] == "${{ secrets.REGISTRY_ACCESS_TOKEN }}"
+    assert "steps.version.outputs.changed == 'true'" in publish[0]["if"]
+    assert any(s.get("id") == "version" for s in steps)
+
+
+def test_publish_workflow_publishes_only_on_a_version_change(tmp_path):
+    """The workflow's version step, run as GitHub would (bash, GITHUB_OUTPUT) on a repository whose last commit
+    changes pyproject.toml with and without a new version."""
+    import shutil
+    import subprocess
+    import sys
+    import tomllib  # noqa: F401  (the step needs Python 3.11's tomllib)
+    data, _ = _publish_workflow()
+    (job,) = data["jobs"].values()
+    script = next(s for s in job["steps"] if s.get("id") == "version")["run"]
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("no git")
+    py = tmp_path / "bin"
+    py.mkdir()
+    (py / "python3").symlink_to(sys.executable)  # the step calls python3
+
+    def changed(before: str, after: str) -> str:
+        repo = tmp_path / f"r{before}-{after}"
+        repo.mkdir()
+        env = {"PATH": f"{py}:/usr/bin:/bin", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(tmp_path)}
+        run = lambda *a: subprocess.run([git, *a], cwd=repo, env=env, check=True, capture_output=True)
+        run("init", "-q")
+        for i, version in enumerate((before, after)):
+            (repo / "pyproject.toml").write_text(f'[project]\nname = "x"\nversion = "{version}"\ndescription = "{i}"\n')
+            run("add", "pyproject.toml")
+            run("commit", "-q", "-m", str(i))
+        out = tmp_path / f"out-{before}-{after}"
+        out.write_text("")
+        subprocess.run(["bash", "-e", "-c", script], cwd=repo, env=dict(env, GITHUB_OUTPUT=str(out)), check=True,
+                       capture_output=True)
+        return out.read_text().strip()
+    assert changed("0.1.0", "0.1.1") == "changed=true"
+    assert changed("0.1.0", "0.1.0") == "changed=false"  # pyproject.toml changed, the version did not
