@@ -457,6 +457,7 @@ def report(res: dict) -> str:
          "Definitions: module docstring of `benchmarks/table2_tiny.py`.", "",
          "Prompts: " + "; ".join(f"\"{p}\"" for p in res["prompts"]), ""]
     summ = res["summary"]
+    main_cells = [c for c in res["cells"] if c["group"] == "main"]
     L += ["## Headline", ""]
     for line in summ["lines"]:
         L.append(f"- {line}")
@@ -467,9 +468,7 @@ def report(res: dict) -> str:
           "scratch at β_t)|, the distance DeRaDiff has to travel.", "",
           "| sampler | β_a | λ | β_t | from scratch (± SE) | DeRaDiff (± SE) | Δ | paired SE | unpaired SE | "
           "half gap | anchor gap |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in res["cells"]:
-        if c["group"] != "main":
-            continue
+    for c in main_cells:
         L.append(f"| {c['sampler']} | {c['anchor']:g} | {c['lam']:g} | {c['beta_t']:g} | "
                  f"{fmt(c['scratch_reward'])} ± {fmt(c['scratch_se'])} | {fmt(c['reward'])} ± {fmt(c['reward_se'])} | "
                  f"{c['delta']:+.2f} | {fmt(c['paired_se'])} | {fmt(c['unpaired_se'])} | {fmt(c['scratch_half_gap'])} | "
@@ -481,9 +480,7 @@ def report(res: dict) -> str:
           "(black/grey/white), from scratch / DeRaDiff.", "",
           "| sampler | β_a | λ | β_t | FD DeRaDiff↔scratch | FD floor | FD anchor↔target | colour adh. S / D | "
           "background adh. S / D |", "|---|---|---|---|---|---|---|---|---|"]
-    for c in res["cells"]:
-        if c["group"] != "main":
-            continue
+    for c in main_cells:
         L.append(f"| {c['sampler']} | {c['anchor']:g} | {c['lam']:g} | {c['beta_t']:g} | {1000 * c['fd']:.2f} | "
                  f"{1000 * c['fd_floor']:.2f} | {fmt(1000 * c['fd_anchor'] if c.get('fd_anchor') is not None else None)} | "
                  f"{fmt(c['scratch_colour_adherence'])} / {fmt(c['colour_adherence'])} | "

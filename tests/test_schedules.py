@@ -134,17 +134,27 @@ def test_step_clock_offset_and_past_the_end():
     assert sched.value_at(4, longer) == 0.7  # more steps than values: the last value holds
 
 
+# (step, inner) of each evaluation of Heun over KARRAS_LIKE: the corrector belongs to the step it corrects
+HEUN_PLACED = [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True), (3, False)]
+
+
+def heun_placements(rounding=0.0):
+    """Heun's evaluations as the sampler makes them: a step's first, its callback, then the corrector at the
+    next sigma (times 1 + rounding) unless that is the end."""
+    clock = sch.StepClock(KARRAS_LIKE, corrector_steps=True)
+    placed = []
+    for i in range(4):
+        placed.append((clock.place(KARRAS_LIKE[i]), clock.inner))
+        clock.on_step(i)
+        if KARRAS_LIKE[i + 1] > 0:
+            placed.append((clock.place(KARRAS_LIKE[i + 1] * (1 + rounding)), clock.inner))
+    return placed
+
+
 def test_step_clock_heun_corrector_and_midpoints():
     """Heun: callback after each step's first evaluation; the corrector lands exactly on the next sigma and
     belongs to the step it corrects; a midpoint evaluation (DPM-2) belongs to the step it lies in."""
-    heun = sch.StepClock(KARRAS_LIKE, corrector_steps=True)
-    placed = []
-    for i in range(4):
-        placed.append((heun.place(KARRAS_LIKE[i]), heun.inner))
-        heun.on_step(i)
-        if KARRAS_LIKE[i + 1] > 0:
-            placed.append((heun.place(KARRAS_LIKE[i + 1]), heun.inner))
-    assert placed == [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True), (3, False)]
+    assert heun_placements() == HEUN_PLACED
     plain = sch.StepClock(KARRAS_LIKE)
     assert [plain.place(s) for s in (14.6, 8.0, 4.0, 2.0, 0.9)] == [0, 0, 1, 1, 2]
     assert not plain.inner
@@ -155,14 +165,7 @@ def test_step_clock_corrector_a_float_rounding_below_the_next_sigma():
     log-SNR round trip, a rounding below or above it: that corrector is still its step's, and the next evaluation at
     the sigma itself opens the next step."""
     for rounding in (-3e-5, 3e-5):
-        clock = sch.StepClock(KARRAS_LIKE, corrector_steps=True)
-        placed = []
-        for i in range(4):
-            placed.append((clock.place(KARRAS_LIKE[i]), clock.inner))
-            clock.on_step(i)
-            if KARRAS_LIKE[i + 1] > 0:
-                placed.append((clock.place(KARRAS_LIKE[i + 1] * (1 + rounding)), clock.inner))
-        assert placed == [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True), (3, False)], rounding
+        assert heun_placements(rounding) == HEUN_PLACED, rounding
 
 
 def test_custom_schedule_describes_itself_per_sampler_step():
