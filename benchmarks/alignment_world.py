@@ -1,6 +1,6 @@
 """Does λ really emulate β/λ?  DeRaDiff measured in a world where the answer is known exactly.
 
-    python benchmarks/alignment_world.py            # full run: README section + PNGs in benchmarks/results/
+    python benchmarks/alignment_world.py            # full run: docs/alignment_world.md + PNGs in results/
     python benchmarks/alignment_world.py --tiny --out /tmp/aw --no-readme   # seconds, for the tests
 
 Reference data: a ring of 8 Gaussian modes in the plane; reward r(x) = w.x. The KL-regularised
@@ -12,7 +12,7 @@ the pack's real sampling path is what gets measured. A pair of small trained MLP
 the cheap alternative, parameter-space (weight) interpolation.
 
 Writes alignment_world.md, alignment_world.json and three PNGs to --out (default
-benchmarks/results/) and, unless --no-readme, the markdown into README.md between the
+benchmarks/results/) and, unless --no-readme, the markdown into docs/alignment_world.md between the
 alignment-world markers. Runs on the CPU, single-threaded by default (--threads).
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ import aw_world as aw  # noqa: E402
 
 START, END = "<!-- alignment-world:start -->", "<!-- alignment-world:end -->"
 RESULTS = REPO / "benchmarks" / "results"
+DOC = REPO / "docs" / "alignment_world.md"  # the page that holds the section between START and END
 GAUSSIAN_LAMBDAS = (0.5, 1.5, 3.0)
 
 
@@ -476,7 +477,8 @@ def _finite(obj):
     return obj
 
 
-def write_readme(section: str, readme: Path = REPO / "README.md"):
+def write_readme(section: str, readme: Path = DOC):
+    """Replace the text between START and END in ``readme`` (default: docs/alignment_world.md)."""
     text = readme.read_text(encoding="utf-8")
     i, j = text.find(START), text.find(END)
     if i < 0 or j < i:
@@ -488,7 +490,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="few points, few steps, tiny MLP training (a smoke run)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the markdown, JSON and PNGs")
-    ap.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's section")
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite the section of docs/alignment_world.md")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core box)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -505,10 +507,10 @@ def main(argv=None):
     (out / "alignment_world.json").write_text(json.dumps(_finite(res), indent=1), encoding="utf-8")
     (out / "alignment_world.md").write_text(render(res, "", runtime), encoding="utf-8")
     if not args.no_readme:
-        prefix = os.path.relpath(out, REPO).replace(os.sep, "/") + "/"
+        prefix = os.path.relpath(out, DOC.parent).replace(os.sep, "/") + "/"  # image links relative to the page
         write_readme(render(res, prefix, runtime))
     print(render(res, "", runtime))
-    print(f"wrote {out} in {runtime:.1f} s" + ("" if args.no_readme else " and README.md"))
+    print(f"wrote {out} in {runtime:.1f} s" + ("" if args.no_readme else f" and {DOC.relative_to(REPO)}"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The alignment world inside ComfyUI: point denoisers wrapped as real ComfyUI models.
 
-Latent layout (documented in README): a latent [B, 4, H, W] holds B*H*W independent points.
+Latent layout (documented in docs/alignment_world.md): a latent [B, 4, H, W] holds B*H*W independent points.
 At every pixel, channels 0 and 1 are the 2-D point; channels 2 and 3 are a trivial
 N(0, 1) "filler" with its exact denoiser x / (1 + sigma^2), independent of the point. The data
 distribution of the whole latent is therefore the product over pixels of (2-D mixture) x N(0, I_2),

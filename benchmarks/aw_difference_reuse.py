@@ -1,12 +1,12 @@
 """Difference reuse (``full_pass_every`` = k) measured where the answer is known exactly.
 
     python benchmarks/aw_difference_reuse.py --threads 1     # full run (~10 min on 2 busy cores):
-                                                             # README section + results/aw_difference_reuse.*
+                                                             # docs/difference_reuse.md + results/aw_difference_reuse.*
     python benchmarks/aw_difference_reuse.py --tiny --no-readme --out /tmp/awk   # seconds, for the tests
 
 The alignment world of benchmarks/alignment_world.py (closed-form Gaussian-mixture denoisers as
-real ComfyUI models, sampled by the pack's DeRaDiff KSampler node) in two versions: the README's
-ring (8 overlapping modes, radius 1.3, std 0.15/0.2, reward at 75°) and a hard ring with
+real ComfyUI models, sampled by the pack's DeRaDiff KSampler node) in two versions: the alignment
+world's ring (8 overlapping modes, radius 1.3, std 0.15/0.2, reward at 75°) and a hard ring with
 well-separated modes (radius 4, std 0.3, reward w = (1, 0.5)); anchor β = 1 in both. For every
 sampler, λ and k = 1..4 it reports E[r], SW₂ and mode TV against the exact p_(β/λ) and against
 k = 1 with the same seed (which isolates the reuse error), next to the floors: the same sampler on
@@ -41,6 +41,7 @@ import aw_world as aw  # noqa: E402
 
 START, END = "<!-- difference-reuse:start -->", "<!-- difference-reuse:end -->"
 RESULTS = REPO / "benchmarks" / "results"
+DOC = REPO / "docs" / "difference_reuse.md"  # the page that holds the section between START and END
 PACK = "comfyui_deradiff"
 
 
@@ -261,8 +262,8 @@ def render(res, command: str) -> str:
              f"{cfg['points']} points per run (one ComfyUI sampling run), {cfg['steps']} steps, {cfg['scheduler']}, "
              f"seed {cfg['seed']} for every run, anchor β = {cfg['beta']:g}, the pack's DeRaDiff KSampler node with "
              f"`full_pass_every` = k (shipped plan: first step full, last {res['final_full_default']} step(s) "
-             f"forced full, stale Δ carried to the current σ: {res['rescale_default']}). *ring*: the README's world "
-             "above (8 overlapping modes); *hard*: 8 well-separated modes (radius 4, std 0.3, w = (1, 0.5)). "
+             f"forced full, stale Δ carried to the current σ: {res['rescale_default']}). *ring*: the alignment world's "
+             "ring (8 overlapping modes); *hard*: 8 well-separated modes (radius 4, std 0.3, w = (1, 0.5)). "
              "These three samplers make one model evaluation per step, so no off-schedule inner evaluation occurs.",
              "",
              "**E[r].** ± = Monte-Carlo standard error (SE) of a mean of this many exact samples. *scratch* = "
@@ -356,16 +357,16 @@ def final_full_summary(res) -> list:
     return out
 
 
-def write_readme(section: str, readme: Path = REPO / "README.md"):
-    text = readme.read_text()
+def write_readme(section: str, readme: Path = DOC):
+    """Replace the text between START and END in ``readme`` (default: docs/difference_reuse.md); a page
+    without the markers gets the section appended under its own heading."""
+    text = readme.read_text(encoding="utf-8") if readme.exists() else "# Difference reuse\n"
     block = f"{START}\n{section}{END}"
     if START in text and END in text:
         text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
     else:
-        anchor = "<!-- alignment-world:end -->"
-        at = text.index(anchor) + len(anchor)
-        text = text[:at] + "\n\n### Difference reuse in the alignment world\n" + block + text[at:]
-    readme.write_text(text)
+        text = text.rstrip("\n") + "\n\n## Difference reuse in the alignment world\n" + block + "\n"
+    readme.write_text(text, encoding="utf-8")
 
 
 def main(argv=None):
@@ -373,7 +374,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--points", type=int)
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite the section of docs/difference_reuse.md")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

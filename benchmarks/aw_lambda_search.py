@@ -7,7 +7,7 @@
                                   # more repetitions with new seeds; --bank keeps the swept samples for reruns
     python benchmarks/aw_lambda_search.py --tiny --out /tmp/awl      # seconds, for the tests
 
-The world is not the README's ring (8 modes, radius 1.3, std 0.15/0.2, reward at 75°, β = 1): here 5
+The world is not the ring of docs/alignment_world.md (8 modes, radius 1.3, std 0.15/0.2, reward at 75°, β = 1): here 5
 modes on a circle of radius 2 with std 0.35/0.25, the pair's reward w = 1.2·(cos 20°, sin 20°) and
 anchor β = 0.8. Its closed-form Gaussian-mixture denoisers are real ComfyUI models (aw_comfy.py) and
 every sample comes from the pack's batched λ sweep (sampler/sweep.py, what λ Search runs), dpmpp_2m,

@@ -3,7 +3,7 @@
     python benchmarks/aw_particles.py                     # full run: results/aw_particles.{md,json}
     python benchmarks/aw_particles.py --tiny --out /tmp/awp   # seconds, for the tests
 
-Worlds (benchmarks/aw_difference_reuse.world): *ring*, the README's world (8 overlapping modes,
+Worlds (benchmarks/aw_difference_reuse.world): *ring*, the alignment world's ring (8 overlapping modes,
 radius 1.3, std 0.15/0.2, reward at 75°) and *hard* (8 well-separated modes, radius 4, std 0.3,
 w = (1, 0.5)); anchor β = 1; euler_ancestral, karras, 50 steps, 16384 points per run.
 

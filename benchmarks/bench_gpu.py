@@ -1,4 +1,4 @@
-"""The GPU figures of the README in one command, on any CUDA machine:
+"""The GPU figures of docs/benchmarks.md in one command, on any CUDA machine:
 
     python benchmarks/bench_gpu.py [--steps 20] [--repeats 3] [--families sd15_full,sdxl_full] [--quick]
 
@@ -9,7 +9,7 @@ full_pass_every 2 and 3, the reference + LoRA pair fused and as two passes (rati
 KSampler, measured side by side in one process), peak GPU memory; and a λ sweep of 8 against
 8 separate runs. Each configuration runs in its own process (benchmarks/bench_sampling.py,
 benchmarks/bench_sweep.py) so that one's memory never counts against another's. The output is a
-markdown report (also written to --out) to paste into the README with the device name.
+markdown report (also written to --out) to paste into docs/benchmarks.md with the device name and date.
 ``--quick`` is a smoke run (small sizes, 2 steps); it runs on a CPU too (--device cpu).
 """
 from __future__ import annotations

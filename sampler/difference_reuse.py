@@ -12,7 +12,7 @@ whichever weight is smaller, so the error a stale Δ makes is as small as it can
 Δ is first carried from the noise level it was taken at to the current one by the factor a
 Gaussian data model predicts (``prior_weight``): the two models' predictions converge as the
 noise falls, so Δ shrinks, and reusing it as it is overshoots (in the alignment world this
-carrying cuts the reuse error 3-10x: README). k = 1 is the exact method; no state is kept then.
+carrying cuts the reuse error 3-10x: docs/difference_reuse.md). k = 1 is the exact method; no state is kept then.
 
 Which evaluations always run both models, and why:
 - the first step: there is no Δ yet;
@@ -21,13 +21,13 @@ Which evaluations always run both models, and why:
   amplifies an error in one evaluation;
 - optionally the last ``final_full`` scheduled steps. The default is 0: in the alignment
   world forcing the last 1 or 2 steps full changed E[r] by at most 5e-05 with the stale Δ
-  carried (0.0015 when reused as it is), so it is not worth a pass (README, "Difference reuse").
+  carried (0.0015 when reused as it is), so it is not worth a pass (docs/difference_reuse.md).
 """
 from __future__ import annotations
 
 import torch
 
-# Carry a stale Δ to the current noise level with prior_weight (measured: README).
+# Carry a stale Δ to the current noise level with prior_weight (measured: docs/difference_reuse.md).
 RESCALE_STALE = True
 
 
@@ -38,7 +38,7 @@ def stale_rescale(sigma_data: float = 1.0, flow: bool = False):
     return lambda sigma: prior_weight(sigma, sigma_data, flow)
 
 
-# The default number of final steps that always run both models (measured: README).
+# The default number of final steps that always run both models (measured: docs/difference_reuse.md).
 FINAL_FULL_STEPS = 0
 
 

@@ -173,12 +173,12 @@ def test_single_gaussian_deradiff_paths_equal_the_ideal_beta_over_lambda_model(p
 # -- the script end to end ---------------------------------------------------------------------
 def test_alignment_world_tiny_writes_table_and_plots(comfy_root, tmp_path):
     from PIL import Image
-    readme = REPO / "README.md"
-    before = hashlib.sha256(readme.read_bytes()).hexdigest()
+    pages = [REPO / "README.md", REPO / "docs" / "alignment_world.md"]
+    before = [hashlib.sha256(page.read_bytes()).hexdigest() for page in pages]
     out = subprocess.run([sys.executable, "benchmarks/alignment_world.py", "--tiny", "--out", str(tmp_path),
                           "--no-readme"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert hashlib.sha256(readme.read_bytes()).hexdigest() == before  # --no-readme respected
+    assert [hashlib.sha256(page.read_bytes()).hexdigest() for page in pages] == before  # --no-readme respected
 
     for name in ("alignment_world_reward.png", "alignment_world_samples.png", "alignment_world_modes.png"):
         img = Image.open(tmp_path / name).convert("RGB")
@@ -221,3 +221,32 @@ def test_readme_section_is_replaced_between_the_markers_only(tmp_path):
     readme.write_text("no markers here\n")
     with pytest.raises(SystemExit):
         awb.write_readme("x\n", readme)
+
+
+def test_readme_sections_live_in_their_docs_pages():
+    """The benchmarks write their sections into docs/ pages (not README.md), between markers found there,
+    and the alignment world's image links resolve from that page."""
+    import alignment_world
+    import aw_difference_reuse
+    for module, page in ((alignment_world, "alignment_world.md"), (aw_difference_reuse, "difference_reuse.md")):
+        assert module.DOC == REPO / "docs" / page
+        assert module.write_readme.__defaults__ == (module.DOC,)
+        text = module.DOC.read_text(encoding="utf-8")
+        assert text.count(module.START) == text.count(module.END) == 1
+        assert text.index(module.START) < text.index(module.END)
+        readme = (REPO / "README.md").read_text(encoding="utf-8")
+        assert module.START not in readme and module.END not in readme
+    section = (REPO / "docs" / "alignment_world.md").read_text(encoding="utf-8")
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", section)
+    assert images and all((REPO / "docs" / link).resolve().is_file() for link in images), images
+
+
+def test_difference_reuse_readme_section_is_replaced_between_the_markers_only(tmp_path):
+    import aw_difference_reuse as awk
+    page = tmp_path / "page.md"
+    page.write_text(f"# T\nbefore\n{awk.START}\nold stuff\n{awk.END}\nafter\n")
+    awk.write_readme("| new | table |\n", page)
+    assert page.read_text() == f"# T\nbefore\n{awk.START}\n| new | table |\n{awk.END}\nafter\n"
+    page.write_text("# T\n")
+    awk.write_readme("x\n", page)
+    assert page.read_text() == f"# T\n\n## Difference reuse in the alignment world\n{awk.START}\nx\n{awk.END}\n"
