@@ -355,7 +355,7 @@ def test_lora_files_are_byte_for_byte_reproducible(tf, tmp_path):
 
 
 def test_a_vae_that_loses_the_colour_stops_the_build(tf, tmp_path):
-    """A 2-step VAE keeps little of the data's colourfulness: with the real threshold the build stops at the VAE,
+    """A 2-step VAE keeps little of the data's colourfulness: with a real threshold the build stops at the VAE,
     naming what to change, and writes nothing after it."""
     cfg = tf.Config.tiny()
     cfg.vae_min_colour = 0.9
