@@ -2,6 +2,8 @@
 
 - ``MODEL_FILES``: the public model files the example workflows expect, where they go and
   where they are published; the browser test places the stand-in models under these names.
+  ``LOCAL_MODEL_FILES``: files made in this repository (the tiny family, no download URL), which
+  ``make_models_dir`` links in from ``scripts/tiny_family.py materialize`` when the family is committed.
 - ``WORKFLOWS``: how each example workflow in ``example_workflows/`` is built. The JSON files
   are made by the real ComfyUI front end (LiteGraph's own ``createNode`` / ``connect`` /
   ``graph.serialize()``), so they are exactly what the canvas saves and loads:
@@ -106,6 +108,47 @@ REWARD_FILES = {PICKSCORE: "reward_models/clip-standin", CLIP_L: "reward_models/
                 AESTHETIC: "reward_models/aesthetic-standin.pth"}
 
 
+# The tiny family trained in this repository (scripts/tiny_family.py; the trained weights are committed in
+# tiny_family/): its ComfyUI files have no download URL, ``python scripts/tiny_family.py materialize``
+# writes them (into .cache/tiny_family/models). A workflow lists them in its Note, not in its ``models``
+# (the front end's missing-models dialog could only offer a download). file name -> (model folder, what it is)
+import tiny_family  # noqa: E402  (scripts/)
+
+TINY_REF = tiny_family.CHECKPOINT_NAME
+TINY_BETA = 1000.0
+TINY_DPO = f"{tiny_family.SUBFOLDER}/dpo_beta{TINY_BETA:g}.safetensors"
+LOCAL_MODEL_FILES = {
+    TINY_REF: ("checkpoints", "the tiny family's reference (UNet, generated CLIP-L, TAESD)"),
+    TINY_DPO: ("loras", f"the tiny family's Diffusion-DPO LoRA at β = {TINY_BETA:g}"),
+}
+# workflows that need the committed tiny family to run (skipped without it)
+NEEDS_TINY_FAMILY = {"deradiff_tiny_family"}
+
+
+def tiny_family_present() -> bool:
+    return (tiny_family.FAMILY_DIR / "family.json").exists()
+
+
+# Prefixes of DeRaDiff Load Aligned Pair's aligned_model values (the folder the file comes from).
+_FOLDER_PREFIXES = ("checkpoints/", "diffusion_models/", "loras/")
+
+
+def model_files_used(data) -> list[tuple[str, str]]:
+    """(model folder, file name) of every file of MODEL_FILES or LOCAL_MODEL_FILES a workflow's nodes name,
+    also where an aligned_model value carries its folder ("loras/<name>")."""
+    known = {**{n: f for n, (f, _, _) in MODEL_FILES.items()}, **{n: f for n, (f, _) in LOCAL_MODEL_FILES.items()}}
+    used = set()
+    for node in data.get("nodes", []):
+        for v in node.get("widgets_values", []) or []:
+            if not isinstance(v, str):
+                continue
+            prefix = next((p for p in _FOLDER_PREFIXES if v.startswith(p) and v[len(p):] in known), "")
+            name = v[len(prefix):]
+            if name in known and (not prefix or prefix[:-1] == known[name]):
+                used.add((known[name], name))
+    return sorted(used)
+
+
 def models_metadata(*names):
     """The workflow's top-level ``models`` list: the front end checks these files exist and,
     when one is missing, offers its download in the missing-models dialog."""
@@ -129,6 +172,7 @@ def make_models_dir(dest: Path, standin_dir: Path) -> Path:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(target)
+    link_tiny_family(dest)
     from standins import ensure_reward_standins
     ensure_reward_standins()
     (dest / "reward_models").mkdir(exist_ok=True)
@@ -138,6 +182,24 @@ def make_models_dir(dest: Path, standin_dir: Path) -> Path:
             link.unlink()
         link.symlink_to(standin_dir / standin, target_is_directory=(standin_dir / standin).is_dir())
     return dest
+
+
+def link_tiny_family(dest: Path) -> bool:
+    """The committed tiny family's ComfyUI files (``tiny_family.materialize`` into its default folder,
+    .cache/tiny_family/models; skipped when already written) linked into the models folder ``dest``
+    under their own names (checkpoints/deradiff_tiny/, loras/deradiff_tiny/, diffusion_models/deradiff_tiny/,
+    reward_models/deradiff_tiny_colourfulness/). False, and nothing linked, while no family is committed."""
+    if not tiny_family_present():
+        return False
+    tiny_family.materialize(tiny_family.FAMILY_DIR, tiny_family.MODELS_DIR)
+    for folder, name in (("checkpoints", tiny_family.SUBFOLDER), ("loras", tiny_family.SUBFOLDER),
+                         ("diffusion_models", tiny_family.SUBFOLDER), ("reward_models", tiny_family.REWARD_NAME)):
+        (dest / folder).mkdir(parents=True, exist_ok=True)
+        link = dest / folder / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(tiny_family.MODELS_DIR / folder / name, target_is_directory=True)
+    return True
 
 
 # -- the example workflows ----------------------------------------------------------------
@@ -420,6 +482,68 @@ def _sd35_flowgrpo():
     return nodes, links, models_metadata(SD35M)
 
 
+TINY_PROMPT = "a large white circle in the middle on a grey background"
+TINY_LAMBDAS = "0, 0.5, 1, 2, 4"
+TINY_SIZE, TINY_BATCH, TINY_UPSCALE = 32, 4, 4
+
+
+def _tiny_family():
+    note = (
+        "The DeRaDiff tiny family\n"
+        "A tiny SD1.5-format model family trained in this repository (scripts/tiny_family.py), small enough to "
+        "try DeRaDiff on a CPU in a minute: a 26 M-parameter UNet for 32×32 pictures of one coloured shape "
+        "(circle, square, triangle or cross) on a black, grey or white background, prompted like "
+        f"\"{TINY_PROMPT}\"; a TAESD VAE; a generated CLIP-L; and Diffusion-DPO LoRAs trained at "
+        "β = 250 … 4000 for a colourfulness reward (100 × the mean over pixels of max(R,G,B) − min(R,G,B)).\n\n"
+        "Model files\n"
+        f"• models/checkpoints/{TINY_REF}\n"
+        "   the reference (UNet + CLIP-L + TAESD)\n"
+        f"• models/loras/{TINY_DPO}\n"
+        f"   the aligned model: the Diffusion-DPO LoRA trained at β = {TINY_BETA:g}\n\n"
+        "Nothing to download: the trained weights are in the repository (tiny_family/, not in the registry "
+        "package). In a clone, run\n"
+        "   python scripts/tiny_family.py materialize\n"
+        "which writes the ComfyUI files into .cache/tiny_family/models (checkpoints/, loras/, diffusion_models/, "
+        "reward_models/). Point ComfyUI at that folder in its extra_model_paths.yaml:\n"
+        "   deradiff_tiny:\n"
+        "      base_path: <your clone>/.cache/tiny_family/models\n"
+        "      checkpoints: checkpoints\n"
+        "      loras: loras\n"
+        "      diffusion_models: diffusion_models\n"
+        "      reward_models: reward_models\n"
+        "or copy those folders' contents into ComfyUI's models/ folder; then press R in ComfyUI (or restart it).\n\n"
+        f"Keep the latent at {TINY_SIZE}×{TINY_SIZE}, the size the model was trained at; the images are scaled "
+        f"×{TINY_UPSCALE} (nearest) for the grid. One row per λ, the same {TINY_BATCH} seeds in every row.\n"
+        f"β = {TINY_BETA:g}: the LoRA's Diffusion-DPO β.\n{LAMBDA_HELP}")
+    nodes = [
+        _node("note", "Note", (0, 0), {"text": note}, size=(470, 480), title="DeRaDiff: the tiny family (λ sweep)"),
+        _node("pair", "DeRaDiffLoadAlignedPair", (0, 520),
+              {"reference_ckpt_name": TINY_REF, "aligned_model": f"loras/{TINY_DPO}", "beta": TINY_BETA,
+               "lora_strength": 1.0}, size=(470, None)),
+        _node("pos", "CLIPTextEncode", (510, 0), {"text": TINY_PROMPT}, size=(400, 150), title="Positive prompt"),
+        _node("neg", "CLIPTextEncode", (510, 190), {"text": ""}, size=(400, 110), title="Negative prompt"),
+        _node("latent", "EmptyLatentImage", (510, 340),
+              {"width": TINY_SIZE, "height": TINY_SIZE, "batch_size": TINY_BATCH}, size=(400, None)),
+        _node("sweep", "DeRaDiffLambdaSweep", (950, 0),
+              {"lambdas": TINY_LAMBDAS, "seed": 42, "control_after_generate": "fixed", "steps": 20, "cfg": 4.0,
+               "sampler_name": "euler_ancestral", "scheduler": "normal", "denoise": 1.0}, size=(330, None)),
+        _node("decode", "VAEDecode", (1320, 0), size=(260, None)),
+        _node("scale", "ImageScaleBy", (1320, 90), {"upscale_method": "nearest-exact", "scale_by": float(TINY_UPSCALE)},
+              size=(260, None), title=f"Upscale ×{TINY_UPSCALE} (nearest)"),
+        _node("grid", "DeRaDiffSweepGrid", (1320, 230), {"columns": TINY_BATCH, "beta": 0.0}, size=(260, None)),
+        _node("save", "SaveImage", (1620, 0), {"filename_prefix": "DeRaDiff/tiny_family_sweep"}, size=(500, 860)),
+    ]
+    links = [
+        ("pair", "pair", "sweep", "pair"), ("pair", "CLIP", "pos", "clip"), ("pair", "CLIP", "neg", "clip"),
+        ("pos", "CONDITIONING", "sweep", "positive"), ("neg", "CONDITIONING", "sweep", "negative"),
+        ("latent", "LATENT", "sweep", "latent_image"),
+        ("sweep", "latents", "decode", "samples"), ("pair", "VAE", "decode", "vae"),
+        ("decode", "IMAGE", "scale", "image"), ("scale", "IMAGE", "grid", "images"),
+        ("sweep", "labels", "grid", "labels"), ("grid", "grid", "save", "images"),
+    ]
+    return nodes, links, []  # no models metadata: the files have no download URL (LOCAL_MODEL_FILES)
+
+
 WORKFLOWS = {
     "deradiff_sd15_dpo": _sd15_dpo,
     "deradiff_sdxl_dpo_unet": _sdxl_dpo,
@@ -429,6 +553,7 @@ WORKFLOWS = {
     "deradiff_lambda_search": _lambda_search,
     "deradiff_flux1_dev_srpo": _flux_dev_srpo,
     "deradiff_sd35_flowgrpo": _sd35_flowgrpo,
+    "deradiff_tiny_family": _tiny_family,
 }
 
 
@@ -443,6 +568,7 @@ THUMBNAILS = {
     "deradiff_lambda_search": (["DeRaDiffLambdaSearch", "SaveImage"], True),
     "deradiff_flux1_dev_srpo": (["DeRaDiffMakePair", "FluxGuidance", "DeRaDiffKSampler"], False),
     "deradiff_sd35_flowgrpo": (["DeRaDiffMakePair", "DeRaDiffKSampler"], False),
+    "deradiff_tiny_family": (["DeRaDiffSweepGrid", "SaveImage"], True),  # the real images, once they exist
 }
 
 

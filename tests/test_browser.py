@@ -3,7 +3,7 @@
 A real ComfyUI server runs with this pack installed (scripts/comfy_server.py) and a models
 folder whose files carry the public names the workflows expect (v1-5-pruned-emaonly.safetensors,
 sd_xl_base_1.0.safetensors, the Diffusion-DPO UNets), each a symlink to the stand-in model of
-the same family. Debian's Chromium (driven by Playwright, no browser download) opens the real
+the same family, plus the real tiny family's files (deradiff_tiny/...). Debian's Chromium (driven by Playwright, no browser download) opens the real
 front end and, for every file in example_workflows/:
 
 - drops the file on the canvas, as a user does, and checks that the front end reports no
@@ -17,6 +17,11 @@ front end and, for every file in example_workflows/:
 - makes it small (64x64, 2 steps), presses Run, waits for the prompt to finish and checks the
   saved images, the images shown on the canvas, the λ Schedule's plot and the info line the
   server sent back;
+- runs ``deradiff_tiny_family`` as saved (32x32, 20 steps) on the committed tiny family
+  (scripts/tiny_family.py, materialized into the server's models folder; skipped while
+  tiny_family/family.json is missing) and checks its sweep grid holds real images: a labelled
+  cell per image, the reference's white circle on grey, and the family's reward (colourfulness)
+  higher at λ = 2 than at λ = 0;
 - keeps screenshots in test-artifacts/browser/ (DERADIFF_UPDATE_EXAMPLE_IMAGES=1 also writes the
   template thumbnails example_workflows/*.jpg and the README screenshots docs/*.png).
 
@@ -37,19 +42,22 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from browser_helpers import (ARTIFACTS, DOCS, EXAMPLES, FIT_VIEW_JS, FRAME_JS, MODEL_FILES, PACK_DIR_NAME, THUMBNAILS,
-                             WORKFLOWS,
-                             browser_available, comfy_with_pack, launch_browser, open_front_end, prompt_problems,
-                             NOT_HERE, uses_files_not_here)
+from browser_helpers import (ARTIFACTS, DOCS, EXAMPLES, FIT_VIEW_JS, FRAME_JS, LOCAL_MODEL_FILES, MODEL_FILES,
+                             NEEDS_TINY_FAMILY, PACK_DIR_NAME, THUMBNAILS, WORKFLOWS,
+                             browser_available, comfy_with_pack, launch_browser, model_files_used, open_front_end,
+                             prompt_problems, tiny_family_present, NOT_HERE, uses_files_not_here)
 
 SHOTS = ARTIFACTS / "browser"
 UPDATE_IMAGES = os.environ.get("DERADIFF_UPDATE_EXAMPLE_IMAGES") == "1"
 EXAMPLE_NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
 # README screenshots (docs/<name>.png): the graph as loaded, or after its run
 DOC_IMAGES = {"deradiff_sd15_dpo": "loaded", "deradiff_lambda_sweep_grid": "ran", "deradiff_lambda_schedule": "ran",
-              "deradiff_lambda_search": "ran"}
+              "deradiff_lambda_search": "ran", "deradiff_tiny_family": "ran"}
 RUN_SIZE = 64
 RUN_STEPS = 2
+# Workflows run as saved, not made small: the tiny family's UNet was trained at 32×32 (SHRINK_JS would
+# sample 64×64, a size it never saw) and its 20 steps on 4×4 latents take about a minute on a CPU.
+RUN_AS_SAVED = set(NEEDS_TINY_FAMILY)
 
 
 # -- fixtures ----------------------------------------------------------------------------
@@ -458,6 +466,9 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
     page.wait_for_timeout(300)
     assert_no_alerts(page, "before the workflow was loaded")
     data = json.loads((EXAMPLES / f"{name}.json").read_text())
+    if name in NEEDS_TINY_FAMILY and not tiny_family_present():
+        pytest.skip(f"{name} runs the committed tiny family, and tiny_family/family.json is missing "
+                    "(build it: python scripts/tiny_family.py build)")
 
     # 1. drop the file on the canvas
     seen = load_example(page, name)
@@ -494,11 +505,20 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
             if w["choices"] is not None and w["value"] not in NOT_HERE:  # NOT_HERE: see browser_helpers
                 assert w["value"] in w["choices"], (
                     f"{node['type']}.{w['name']} = {w['value']!r} is not one of the server's choices {w['choices']}")
-    # every model file the Note asks for is one the graph uses, and the other way round
+    # the Note names every model file the graph uses; the workflow's models list (the front end offers
+    # their download) holds only used files with a download URL: not those made in this repository
+    # (LOCAL_MODEL_FILES), nor a MODEL_FILES entry that is a repository rather than a file (SD35M_FLOWGRPO)
     note = "\n".join(n["widgets_values"][0] for n in node_of(data, "Note"))
+    used = model_files_used(data)
+    assert used, f"{name} uses no model file of MODEL_FILES or LOCAL_MODEL_FILES"
+    for folder, file in used:
+        assert f"models/{folder}/{file}" in note, f"the Note does not name models/{folder}/{file}"
+    listed = {(m["directory"], m["name"]) for m in data["models"]}
+    assert listed <= set(used), f"the models list names files the graph does not use: {listed - set(used)}"
     for model in data["models"]:
-        assert f"models/{model['directory']}/{model['name']}" in note
-        assert model["name"] in MODEL_FILES
+        assert model["name"] in MODEL_FILES and model["url"] == MODEL_FILES[model["name"]][2], model
+    if any(n in LOCAL_MODEL_FILES for _, n in used):
+        assert "python scripts/tiny_family.py materialize" in note, "the Note does not say how to make its files"
 
     # 2. the pack's JS extension: the info line under λ
     boxes = page.evaluate(INFO_BOX_JS)
@@ -531,8 +551,9 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
         print(f"{name}: not run here, it loads {', '.join(not_here)} (no stand-in)")
         return
 
-    # 4. run it, small
-    page.evaluate(SHRINK_JS, [RUN_SIZE, RUN_STEPS])
+    # 4. run it, small (or as saved: RUN_AS_SAVED)
+    if name not in RUN_AS_SAVED:
+        page.evaluate(SHRINK_JS, [RUN_SIZE, RUN_STEPS])
     t0 = time.monotonic()
     entry = run_in_browser(page, server)
     run_s = time.monotonic() - t0
@@ -550,6 +571,8 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
             w, h = Image.open(path).size
             if node_of(data, "DeRaDiffSweepGrid"):
                 assert w > RUN_SIZE and h > RUN_SIZE, (w, h)  # a grid with labels
+                if name in NEEDS_TINY_FAMILY:
+                    check_tiny_family_grid(data, loaded, path)
             elif fed_by(data, save, "DeRaDiffLambdaSearch", "plot"):
                 assert w >= 400 and h >= 200, (w, h)  # the search's plot
             else:
@@ -590,6 +613,55 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
         write_thumbnail(thumb, EXAMPLES / f"{name}.jpg")
         if name in DOC_IMAGES:
             write_doc_image(loaded_shot if DOC_IMAGES[name] == "loaded" else ran, DOCS / f"{name}.png")
+
+
+def widget_value(data, loaded, node_type, name):
+    """The value of a widget of the (first) node of a type, as the front end loaded it."""
+    node = node_of(data, node_type)[0]
+    return next(w["value"] for w in loaded[node["id"]]["widgets"] if w["name"] == name)
+
+
+def check_tiny_family_grid(data, loaded, path: Path):
+    """The tiny family's sweep grid holds real images: one row of cells per λ, each with its label
+    strip, the reference (λ = 0) draws the prompt's white circle in the middle of a grey background, and
+    the family's own reward (colourfulness, the reward its DPO LoRA was trained for) is higher at λ = 2
+    than at λ = 0 over the row's seeds, by more than twice the standard error of the difference."""
+    import math
+
+    import numpy as np
+    import torch
+    import tiny_family
+
+    lambdas = [float(x) for x in widget_value(data, loaded, "DeRaDiffLambdaSweep", "lambdas").split(",")]
+    per_lambda = widget_value(data, loaded, "EmptyLatentImage", "batch_size")
+    scale = round(widget_value(data, loaded, "ImageScaleBy", "scale_by"))
+    cell = widget_value(data, loaded, "EmptyLatentImage", "width") * scale
+    columns = widget_value(data, loaded, "DeRaDiffSweepGrid", "columns")
+    assert columns == per_lambda, "one row per λ"
+    grid = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    rows = len(lambdas)
+    h, w, _ = grid.shape
+    assert w == columns * cell and h % rows == 0 and h // rows > cell, (
+        f"a {w}x{h} grid for {rows} rows of {columns} cells of {cell} px with a label strip under each")
+    strip = h // rows - cell
+    cells = np.stack([grid[r * (cell + strip): r * (cell + strip) + cell, c * cell: (c + 1) * cell]
+                      for r in range(rows) for c in range(columns)])  # [λ-major, cell, cell, 3]
+    labels = np.stack([grid[r * (cell + strip) + cell: (r + 1) * (cell + strip), c * cell: (c + 1) * cell]
+                       for r in range(rows) for c in range(columns)])
+    assert all((lab.min(axis=2) > 0.6).sum() > 20 for lab in labels), "a cell without its label"
+    reference = cells[:per_lambda].mean(axis=3)  # λ = 0, grey levels
+    yy, xx = np.mgrid[:cell, :cell] / cell - 0.5
+    middle, border = np.hypot(yy, xx) < 0.15, np.maximum(abs(yy), abs(xx)) > 0.42
+    for img in reference:
+        assert img[middle].mean() > 0.8 and 0.25 < img[border].mean() < 0.75, (
+            f"the reference's image is no white circle in the middle on grey: middle {img[middle].mean():.2f}, "
+            f"border {img[border].mean():.2f}")
+    reward = tiny_family.colourfulness(torch.from_numpy(cells).permute(0, 3, 1, 2)).reshape(rows, per_lambda)
+    mean = {lam: float(r.mean()) for lam, r in zip(lambdas, reward)}
+    se = {lam: float(r.std() / math.sqrt(per_lambda)) for lam, r in zip(lambdas, reward)}
+    print("tiny family, mean colourfulness per λ:", {f"{k:g}": f"{v:.3f} ± {se[k]:.3f}" for k, v in mean.items()})
+    assert mean[2.0] - mean[0.0] > 2 * math.hypot(se[0.0], se[2.0]), (
+        f"the reward at λ = 2 ({mean[2.0]:.3f} ± {se[2.0]:.3f}) is not above λ = 0 ({mean[0.0]:.3f} ± {se[0.0]:.3f})")
 
 
 # The pack's JS line under λ when a schedule drives the sampler and has not run yet.
@@ -654,6 +726,22 @@ def check_editor_only_inputs(page, data, loaded, live_id, prompt):
 
 # -- the templates browser ------------------------------------------------------------------
 
+# Whether the templates browser's card titled ``name`` shows its thumbnail: an image in the card (the
+# title's ancestors up to the first that also holds another card's title), loaded and decoded.
+CARD_THUMBNAIL_JS = r"""
+([sel, pack, name, names]) => {
+  const d = [...document.querySelectorAll(sel)].find((e) => e.getClientRects().length && e.innerText.includes(pack));
+  const title = d && [...d.querySelectorAll("*")].find((e) => e.childElementCount === 0 && e.textContent.trim() === name);
+  const others = names.filter((n) => n !== name);
+  for (let e = title; e && e !== d && !others.some((n) => e.textContent.includes(n)); e = e.parentElement) {
+    const img = e.querySelector("img");
+    if (img) return img.complete && img.naturalWidth > 0;
+  }
+  return false;
+}
+"""
+
+
 def test_templates_browser_lists_and_loads_the_examples(ui, server):
     page, console = ui
     console.mark()
@@ -673,14 +761,13 @@ def test_templates_browser_lists_and_loads_the_examples(ui, server):
     nav.click()
     for name in EXAMPLE_NAMES:
         dialog.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
-    # every card shows its thumbnail: fetched from the pack's template route and decoded
-    page.wait_for_function(
-        """([sel, pack, n]) => {
-          const d = [...document.querySelectorAll(sel)].find((e) => e.getClientRects().length && e.innerText.includes(pack));
-          return !!d && [...d.querySelectorAll('img')].filter((i) => i.complete && i.naturalWidth > 0).length >= n;
-        }""",
-        arg=[DIALOG, PACK_DIR_NAME, len(EXAMPLE_NAMES)], timeout=30_000)
+    # every card shows its thumbnail: fetched from the pack's template route and decoded. Front end 1.4x
+    # mounts a card's image only while the card is in view (two rows of four here), so each card in turn
+    for name in EXAMPLE_NAMES:
+        dialog.get_by_text(name, exact=True).first.scroll_into_view_if_needed()
+        page.wait_for_function(CARD_THUMBNAIL_JS, arg=[DIALOG, PACK_DIR_NAME, name, EXAMPLE_NAMES], timeout=30_000)
     assert {k: v for k, v in fetched.items() if k.endswith(".jpg")} == {f"{n}.jpg": 200 for n in EXAMPLE_NAMES}, fetched
+    dialog.get_by_text(EXAMPLE_NAMES[0], exact=True).first.scroll_into_view_if_needed()
     page.wait_for_timeout(300)
     dialog.screenshot(path=str(SHOTS / "templates-browser.png"))
     if UPDATE_IMAGES:
