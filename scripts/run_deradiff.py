@@ -82,7 +82,7 @@ def link_models(args, models_dir: Path):
               f"SD1.5 format, 32×32 shapes), aligned LoRA β = {args.beta:g}.")
         paths = tiny_family.materialize()
         lora = f"{tiny_family.SUBFOLDER}/{tiny_family.lora_file(args.beta).split('/')[-1]}"
-        if not (paths["checkpoint"].parent.parent / "loras" / lora).exists():
+        if not (tiny_family.MODELS_DIR / "loras" / lora).exists():
             sys.exit(f"the tiny family has no LoRA at β = {args.beta:g}; its β: "
                      + ", ".join(f"{x['beta']:g}" for x in tiny_family.load_manifest()["loras"]))
         return tiny_family.MODELS_DIR, tiny_family.CHECKPOINT_NAME, "loras/" + lora
