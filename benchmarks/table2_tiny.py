@@ -127,6 +127,8 @@ class Run:
     background_adherence: float = float("nan")
     images_read: int = 0
     prompt_id: str = ""
+    log_lines: list = field(default_factory=list)  # the server's "DeRaDiff particles" lines of this run
+    resumed: bool = False  # read from the resume cache (a finished cell of an interrupted invocation)
 
     @property
     def key(self) -> str:
@@ -368,11 +370,30 @@ def prepare_family(args, workdir: Path) -> tuple[Path, Path]:
     return family, models
 
 
-def execute(server, run: Run, prompts, colours, bgs, s: Settings, index: int):
+CACHED_FIELDS = ("seconds", "rewards", "features", "colour_adherence", "background_adherence", "images_read",
+                 "prompt_id", "log_lines")
+
+
+def cache_file(cache: Path | None, run: Run) -> Path | None:
+    return None if cache is None else cache / (run.key.replace("|", "_") + f"_s{run.seeds}.json")
+
+
+def execute(server, run: Run, prompts, colours, bgs, s: Settings, index: int, cache: Path | None = None):
+    """Runs one cell's graph through the server and scores its images; a cell finished by an earlier,
+    interrupted invocation with the same settings is read from ``cache`` instead."""
+    path = cache_file(cache, run)
+    if path is not None and path.exists():
+        for k, v in json.loads(path.read_text()).items():
+            setattr(run, k, v)
+        run.resumed = True
+        return
     tag = f"{index:02d}_{run.kind}_{run.sampler}"
+    log_start = len(server.log())
     t0 = time.perf_counter()
     entry = server.run(cell_graph(run, prompts, s, tag), timeout=3600)
     run.seconds = time.perf_counter() - t0
+    run.log_lines = [line.strip() for line in server.log()[log_start:].splitlines()
+                     if line.startswith("DeRaDiff particles")]
     run.prompt_id = str((entry.get("prompt") or [None, "?"])[1])
     per_prompt = read_images(server, entry, len(prompts))
     images = np.concatenate(per_prompt)
@@ -387,6 +408,9 @@ def execute(server, run: Run, prompts, colours, bgs, s: Settings, index: int):
     run.colour_adherence = tf.colour_adherence(images, col)
     run.background_adherence = background_adherence(images, bg)
     shutil.rmtree(server.output_dir / "table2" / tag, ignore_errors=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({k: getattr(run, k) for k in CACHED_FIELDS}))
 
 
 def parse_search(entry) -> dict:
@@ -448,7 +472,11 @@ def report(res: dict) -> str:
          f"Command: `{res['command']}`  ", f"Date: {res['date']}  ", f"Machine: {res['machine']}  ",
          f"ComfyUI {res['comfyui']}, through its HTTP server (scripts/comfy_server.py); "
          f"{res['graphs_run']} graphs, {res['images_scored']} images read back from SaveImage and scored.  ",
-         f"Time: {res['seconds'] / 60:.1f} min (projected before the run: {res['projected_s'] / 60:.1f} min).", "",
+         f"Time: {res['cells_seconds'] / 60:.1f} min of sampling graphs (projected before the run: "
+         f"{res['projected_s'] / 60:.1f} min)"
+         + (f", {res['resumed_seconds'] / 60:.1f} min of it in an earlier, interrupted invocation"
+            if res.get("resumed_seconds") else "")
+         + f"; this invocation {res['seconds'] / 60:.1f} min; load average at the end {res['load_average_end']:.2f}.", "",
          f"Family: `{res['family']}` (β {', '.join(f'{b:g}' for b in res['betas'])}). {s['prompts']} prompts × "
          f"{s['seeds']} seeds per cell, {s['steps']} steps, scheduler {s['scheduler']}, cfg {s['cfg']:g}, "
          f"{s['size']}×{s['size']} px, negative prompt empty. Seeds: prompt p uses seed {SEED_BASE} + p with an "
@@ -690,6 +718,9 @@ def main(argv=None):
     ap_.add_argument("--out", default=str(RESULTS))
     ap_.add_argument("--family", default=str(tf.FAMILY_DIR))
     ap_.add_argument("--models", default=str(tf.MODELS_DIR))
+    ap_.add_argument("--cache", default=None,
+                     help="finished cells, so that an interrupted run resumes (keyed by settings, family and "
+                          "ComfyUI; default .cache/table2_tiny, none with --tiny unless given)")
     ap_.add_argument("--estimate", action="store_true", help="time one from-scratch and one DeRaDiff cell, project, stop")
     args = ap_.parse_args(argv)
     t_start = time.perf_counter()
@@ -712,31 +743,48 @@ def main(argv=None):
     comfy_version = version_file.read_text().split('"')[-2] if version_file.exists() else "?"
     mach = machine()
     notes = []
+    cache = None
+    if args.cache or not args.tiny:
+        ident = json.dumps({"settings": asdict(s), "betas": betas, "family": manifest.get("sha256"), "prompts": prompts,
+                            "comfyui": comfy_version, "version": 1}, sort_keys=True)
+        import hashlib
+        cache = Path(args.cache or REPO / ".cache" / "table2_tiny") / hashlib.sha256(ident.encode()).hexdigest()[:12]
     server = comfy_server.ComfyServer(root, models, workdir / "comfy")
     try:
         server.start()
         # warm-up (loads the checkpoint), then time the first from-scratch cell for the projection
         warm = Run("scratch", STOCHASTIC, None, seeds=1)
         server.run(cell_graph(warm, prompts[:1], Settings(**{**asdict(s), "steps": 2}), "warm"), timeout=600)
-        execute(server, runs[0], prompts, colours, bgs, s, 0)
+        done = [r for r in runs if cache_file(cache, r) is not None and cache_file(cache, r).exists()]
+        execute(server, runs[0], prompts, colours, bgs, s, 0, cache)
         rate = runs[0].seconds / runs[0].cost_units(len(prompts), s.steps)
         projected = sum(r.cost_units(len(prompts), s.steps) for r in runs) * rate
         search_units = s.search_budget * len(prompts) * s.search_seeds * s.steps * 2.0
         projected += search_units * rate
-        print(f"measured {1000 * rate:.2f} ms per image and model-step (cfg included; "
+        left = projected - sum(r.cost_units(len(prompts), s.steps) for r in done) * rate
+        print(("from the earlier invocation: " if runs[0].resumed else "measured ")
+              + f"{1000 * rate:.2f} ms per image and model-step (cfg included; "
               f"{1000 * rate / 2:.2f} ms per image and model call); {len(runs)} cells + λ Search; "
-              f"projected {projected / 60:.1f} min", flush=True)
+              f"projected {projected / 60:.1f} min" + (f"; {len(done)} cells finished earlier (cache {cache}), "
+                                                       f"{left / 60:.1f} min left" if done else ""), flush=True)
         if args.estimate:
             d = next(r for r in runs if r.kind == "deradiff")
-            execute(server, d, prompts, colours, bgs, s, 1)
+            execute(server, d, prompts, colours, bgs, s, 1, cache)
             print(f"DeRaDiff cell {d.key}: {d.seconds:.1f} s (projected "
                   f"{d.cost_units(len(prompts), s.steps) * rate:.1f} s)")
             return
         for i, r in enumerate(runs[1:], 1):
-            execute(server, r, prompts, colours, bgs, s, i)
+            execute(server, r, prompts, colours, bgs, s, i, cache)
             print(f"[{time.perf_counter() - t_start:6.0f} s] {r.key}: reward {np.mean(r.rewards):.3f}, "
-                  f"{r.seconds:.1f} s", flush=True)
-        search = run_search(server, prompts, s, runs, out_dir, args.tiny)
+                  f"{r.seconds:.1f} s" + (" (finished earlier)" if r.resumed else ""), flush=True)
+        search_file = None if cache is None else cache / "search.json"
+        if search_file is not None and search_file.exists():
+            search = json.loads(search_file.read_text())
+            search["resumed"] = True
+        else:
+            search = run_search(server, prompts, s, runs, out_dir, args.tiny)
+            if search_file is not None:
+                search_file.write_text(json.dumps(search))
         print(f"[{time.perf_counter() - t_start:6.0f} s] λ Search: λ = {search['best_lambda']:.3g}, "
               f"{search['seconds']:.0f} s", flush=True)
     except BaseException:
@@ -747,7 +795,7 @@ def main(argv=None):
             server.stop()
         raise
     server.stop()
-    log_tail = server.log()
+    ess_lines = [line for r in runs for line in r.log_lines]
     scratch = {(r.sampler, r.beta): r for r in runs if r.kind == "scratch"}
     cells = []
     for r in runs:
@@ -757,7 +805,8 @@ def main(argv=None):
         sc = scratch[(r.sampler, bt)]
         anchor_sc = scratch.get((r.sampler, r.anchor)) if r.lam != 1.0 else None
         c = {"group": r.group, "kind": r.kind, "sampler": r.sampler, "anchor": r.anchor, "lam": r.lam, "beta_t": bt,
-             "seeds": r.seeds, "seconds": r.seconds, "images": r.images_read, "prompt_id": r.prompt_id, **compare(r, sc, anchor_sc, len(prompts))}
+             "seeds": r.seeds, "seconds": r.seconds, "images": r.images_read, "prompt_id": r.prompt_id,
+             **compare(r, sc, anchor_sc, len(prompts))}
         if r.group == "identity":
             c["max_image_delta"] = float(np.max(np.abs(np.asarray(r.rewards) - np.asarray(sc.rewards))))
         c["rewards"] = r.rewards
@@ -774,8 +823,8 @@ def main(argv=None):
                                  "prompt_id": r.prompt_id,
                                  "rewards": r.rewards})
     summary = summarise(cells, search, s)
-    if "COLLAPSED" in log_tail:
-        n = log_tail.count("COLLAPSED")
+    if any("COLLAPSED" in line for line in ess_lines):
+        n = sum("COLLAPSED" in line for line in ess_lines)
         notes.append(f"particle runs: the server log reports collapsed weights in {n} particle sampler runs "
                      "(one particle held over 90 % of an image's weight at some steps); see the particles section "
                      "of the README")
@@ -788,11 +837,18 @@ def main(argv=None):
         notes.append("Colour adherence is at most 0.05 for every model (the build's own evaluation also found 0: the "
                      "family draws nearly grey-scale shapes, so the most saturated pixels rarely have the prompted "
                      "hue); it cannot tell the models apart here. Background adherence is the informative one")
-    ess_lines = [line.strip() for line in log_tail.splitlines() if line.startswith("DeRaDiff particles")]
+    resumed = [r for r in runs if r.resumed]
+    if resumed or search.get("resumed"):
+        notes.append(f"{len(resumed)} of {len(runs)} cells{' and the λ Search' if search.get('resumed') else ''} were "
+                     "finished by an earlier invocation of the same command that was killed from outside (the "
+                     "run resumes from its per-cell cache; settings, family, prompts and ComfyUI identical)")
     elapsed = time.perf_counter() - t_start
     command = "python benchmarks/table2_tiny.py" + (" --tiny" if args.tiny else "")
     res = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": mach,
-           "comfyui": comfy_version, "seconds": elapsed, "projected_s": projected, "rate_s_per_unit": rate,
+           "comfyui": comfy_version, "seconds": elapsed,
+           "cells_seconds": sum(r.seconds for r in runs) + search["seconds"],
+           "resumed_seconds": sum(r.seconds for r in resumed) + (search["seconds"] if search.get("resumed") else 0.0),
+           "load_average_end": os.getloadavg()[0], "projected_s": projected, "rate_s_per_unit": rate,
            "family": "tiny-config family (temp folder)" if args.tiny else display_path(Path(args.family)),
            "family_sha256": manifest.get("sha256", {}),
            "betas": betas, "settings": asdict(s), "prompts": prompts, "graphs_run": len(runs) + 2,
