@@ -40,7 +40,7 @@ def materialized(tf, tiny, tmp_path_factory):
     paths = tf.materialize(tiny[1], models)
     import folder_paths
     for folder in ("checkpoints", "loras", "diffusion_models"):
-        folder_paths.add_model_folder_path(folder, str(models / folder))
+        folder_paths.add_model_folder_path(folder, str(models / folder), is_default=True)
     return models, paths
 
 

@@ -26,7 +26,10 @@ def family(tf):
     import folder_paths
     tf.materialize(tf.FAMILY_DIR, tf.MODELS_DIR)
     for folder in ("checkpoints", "loras", "diffusion_models"):
-        folder_paths.add_model_folder_path(folder, str(tf.MODELS_DIR / folder))
+        # first in the search order: test_tiny_family.py registers a tiny-config family under the same names
+        folder_paths.add_model_folder_path(folder, str(tf.MODELS_DIR / folder), is_default=True)
+    found = Path(folder_paths.get_full_path("checkpoints", tf.CHECKPOINT_NAME)).resolve()
+    assert found.is_relative_to(tf.MODELS_DIR.resolve()), found
     return tf.load_manifest()
 
 
