@@ -25,8 +25,8 @@ FULL_PASS_INPUT = ("INT", {
                "the last difference between the two (the first step and the inner evaluations of "
                "multi-step samplers, Heun's corrector included, always run both). 1 = exact DeRaDiff, two "
                "passes per step; 2 = 1.5 "
-               "passes; 3 ≈ 1.33. Faster, slightly approximate: see README, 'Difference "
-               "reuse', for the measured error. No effect at λ = 0 or 1 (one model anyway)."})
+               "passes; 3 ≈ 1.33. Faster, slightly approximate: docs/difference_reuse.md "
+               "gives the measured error. No effect at λ = 0 or 1 (one model anyway)."})
 
 BETA_INPUT = ("FLOAT", {
     "default": 0.0, "min": 0.0, "max": 1e6, "step": 0.1,

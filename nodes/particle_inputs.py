@@ -16,8 +16,8 @@ PARTICLES_INPUT = ("INT", {
                "independently all over the latent, the ESS fell to about 1 by mid-schedule (then the mode only "
                "selects greedily); the node shows the ESS after each run. The weights carry a step-size error: in a "
                "test world with separated modes, at λ < 1 and 50 steps 32 particles went slightly past the target, "
-               "at 100 steps they were within sampling error, so use 50 or more steps. See README, "
-               "'Particle realignment'."})
+               "at 100 steps they were within sampling error, so use 50 or more steps. See "
+               "docs/particles.md."})
 
 RESAMPLE_ESS_INPUT = ("FLOAT", {
     "default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,

@@ -29,7 +29,7 @@ class DeRaDiffLoadRewardModel:
     NODE = "DeRaDiff Load Reward Model"
     DESCRIPTION = ("Loads a reward model from models/reward_models (or a reward_models path in "
                    "extra_model_paths.yaml) to score images: PickScore, CLIP score, LAION aesthetic v2 or a small torch scorer. "
-                   "Nothing is downloaded; README 'λ Search' says where each file comes from.")
+                   "Nothing is downloaded; the README's FAQ ('λ Search') says where each file comes from.")
     RETURN_TYPES = (REWARD_TYPE,)
     RETURN_NAMES = ("reward_model",)
     OUTPUT_TOOLTIPS = ("For DeRaDiff Reward Score and DeRaDiff λ Search.",)
