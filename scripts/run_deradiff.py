@@ -183,9 +183,7 @@ def run(args, root, workdir: Path):
 
 def grid(server, ref_name, aligned_choice, args):
     """The λ Sweep grid of the tiny family, and the family's reward of each λ's images."""
-    import numpy as np
     import torch
-    from PIL import Image
     import tiny_family
     t0 = time.perf_counter()
     entry = server.run(sweep_graph(ref_name, aligned_choice, args, args.seed))
@@ -193,8 +191,7 @@ def grid(server, ref_name, aligned_choice, args):
     grid_file = next(f for f in files if f.name.startswith("deradiff_grid"))
     cells = sorted(f for f in files if f.name.startswith("deradiff_cells"))
     shutil.copy(grid_file, args.out)
-    images = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in cells])).float() / 255
-    rewards = tiny_family.colourfulness(images.permute(0, 3, 1, 2))
+    rewards = torch.tensor(tiny_family.score_files([str(f) for f in cells]))
     lambdas = [float(v) for v in args.lambdas.split(",")]
     print(f"DeRaDiff λ Sweep, prompt '{args.prompt}', {args.seeds} seeds, {args.steps} steps {args.sampler}, "
           f"cfg {args.cfg:g}: {time.perf_counter() - t0:.1f} s -> {args.out}")

@@ -567,6 +567,7 @@ class Build:
         params = list(vae.taesd_encoder.parameters()) + list(vae.taesd_decoder.parameters())
         opt = torch.optim.Adam(params, lr=cfg.vae_lr)
         start = self._resume("vae", {"vae": vae, "opt": opt})
+        held_out = self.held_out()
         t0 = time.perf_counter()
         for step in range(start, cfg.vae_steps):
             g = torch_gen(cfg, "vae", step)
@@ -586,7 +587,7 @@ class Build:
             opt.step()
             self._progress("vae", step, cfg.vae_steps, loss.item(), t0, start)
             if (step + 1) % 100 == 0:
-                self.log(f"vae: step {step + 1} keeps {colour_kept(vae, self.held_out()):.0%} of the colour")
+                self.log(f"vae: step {step + 1} keeps {colour_kept(vae, held_out):.0%} of the colour")
             self._checkpoint("vae", step, cfg.vae_steps, {"vae": vae, "opt": opt})
         # model-space latents (×0.18215 in ComfyUI) with mean 0 and std 1 over the data
         with torch.no_grad():
@@ -595,7 +596,7 @@ class Build:
         with torch.no_grad():
             vae.vae_scale.fill_(0.18215 * sd)
             vae.vae_shift.fill_(-mu / (0.18215 * sd))
-        kept = colour_kept(vae, self.held_out())
+        kept = colour_kept(vae, held_out)
         self.log(f"vae: reconstructions keep {kept:.0%} of the data's colourfulness")
         if kept < cfg.vae_min_colour:
             raise RuntimeError(f"the VAE keeps only {kept:.0%} of the data's colourfulness (vae_min_colour "
