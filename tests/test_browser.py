@@ -1138,3 +1138,88 @@ def test_dom_boxes_are_not_saved_and_files_with_their_old_values_load(renderer, 
             assert_layout(page, renderer, f"when {name} ({label} the old values) was loaded")
         assert got["with"] == got["without"], f"{name}: the trailing DOM values changed what loaded"
     assert console.errors() == [], console.errors()
+
+
+# -- the subgraph blueprint ----------------------------------------------------------------
+
+# Connects a node's named output to another node's named input (LiteGraph's own connect).
+CONNECT_JS = r"""
+([links]) => {
+  const byId = (id) => app.graph.getNodeById(id);
+  for (const [src, out, dst, inp] of links) {
+    const a = byId(src), b = byId(dst);
+    const o = a.outputs.findIndex((x) => x.name === out), i = b.inputs.findIndex((x) => x.name === inp);
+    if (o < 0 || i < 0) throw new Error(`no slot for ${a.type}.${out} -> ${b.type}.${inp}`);
+    if (!a.connect(o, b, i)) throw new Error(`could not connect ${a.type}.${out} -> ${b.type}.${inp}`);
+  }
+  app.graph.setDirtyCanvas(true, true);
+}
+"""
+
+
+def test_sweep_grid_blueprint_is_offered_and_runs(ui, server):
+    """subgraphs/DeRaDiff λ Sweep Grid.json (made in the front end: python tests/browser_helpers.py --blueprint)
+    is served by ComfyUI as a blueprint of this pack, the node search offers it under Subgraph Blueprints, and,
+    added from there to a graph of the tiny family's pair, prompts and latent, it runs and saves a grid."""
+    from browser_helpers import BLUEPRINT_CATEGORY, BLUEPRINT_DIR, BLUEPRINT_NAME, workflow_spec, BUILD_JS
+    page, console = ui
+    blueprint = json.loads((BLUEPRINT_DIR / f"{BLUEPRINT_NAME}.json").read_text())
+    (definition,) = blueprint["definitions"]["subgraphs"]
+    assert [n["type"] for n in blueprint["nodes"]] == [definition["id"]], "a blueprint is one subgraph node"
+    assert sorted(n["type"] for n in definition["nodes"]) == ["DeRaDiffLambdaSweep", "DeRaDiffSweepGrid", "VAEDecode"]
+    listed = [v for v in server.get("/global_subgraphs").values() if v["name"] == BLUEPRINT_NAME]
+    assert listed and listed[0]["info"]["node_pack"] == f"custom_nodes.{PACK_DIR_NAME}", listed
+    if not tiny_family_present():
+        pytest.skip("the blueprint runs on the committed tiny family, and tiny_family/family.json is missing")
+    use_renderer(page, "litegraph")
+    console.mark()
+    page.evaluate(CLOSE_ALERTS_JS, DIALOG)
+    # the tiny family's graph without the group the blueprint replaces
+    spec = workflow_spec("deradiff_tiny_family")
+    group = {"sweep", "decode", "scale", "grid"}
+    spec["nodes"] = [n for n in spec["nodes"] if n["key"] not in group]
+    spec["links"] = [l for l in spec["links"] if l[0] not in group and l[2] not in group]
+    for n in spec["nodes"]:
+        if n["type"] == "EmptyLatentImage":
+            n["widgets"]["batch_size"] = 1  # one image per λ: a short run
+    page.evaluate(BUILD_JS, spec)
+    page.evaluate(FIT_VIEW_JS, 0.8)
+    ids = {t: page.evaluate("(t) => app.graph.nodes.filter((n) => n.type === t).map((n) => n.id)", t)
+           for t in ("DeRaDiffLoadAlignedPair", "CLIPTextEncode", "EmptyLatentImage", "SaveImage")}
+    before = set(page.evaluate("() => app.graph.nodes.map((n) => n.id)"))
+    # where users find blueprints: the node search (double click on the canvas), under Subgraph Blueprints
+    x, y = page.evaluate("() => app.canvasPosToClientPos([1000, 300])")
+    page.mouse.dblclick(x, y)
+    page.keyboard.type("λ Sweep Grid", delay=20)
+    option = page.locator("[role=option], li").filter(has_text=BLUEPRINT_NAME).filter(has_text="Subgraph Blueprints").first
+    option.wait_for(timeout=15_000)
+    assert BLUEPRINT_CATEGORY in option.inner_text(), option.inner_text()
+    option.click()
+    page.wait_for_function("(n) => app.graph.nodes.length === n", arg=len(before) + 1, timeout=15_000)
+    added = page.evaluate("(before) => { const n = app.graph.nodes.find((n) => !before.includes(n.id)); "
+                          "return {id: n.id, title: n.title, subgraph: !!n.subgraph, inputs: n.inputs.map((i) => i.name), "
+                          "outputs: n.outputs.map((o) => o.name)}; }", list(before))
+    assert added["subgraph"] and added["title"] == BLUEPRINT_NAME, added
+    assert {"pair", "positive", "negative", "latent_image", "vae"} <= set(added["inputs"]) and added["outputs"] == ["grid"], added
+    pair, (pos, neg), latent, save = (ids["DeRaDiffLoadAlignedPair"][0], ids["CLIPTextEncode"],
+                                      ids["EmptyLatentImage"][0], ids["SaveImage"][0])
+    # the positive prompt is the first CLIPTextEncode of the spec (its Note names it so)
+    bp = added["id"]
+    page.evaluate(CONNECT_JS, [[[pair, "pair", bp, "pair"], [pos, "CONDITIONING", bp, "positive"],
+                                [neg, "CONDITIONING", bp, "negative"], [latent, "LATENT", bp, "latent_image"],
+                                [pair, "VAE", bp, "vae"], [bp, "grid", save, "images"]]])
+    # a short run: 4 steps, set on the λ Sweep inside the subgraph (where a user edits the sweep's settings)
+    page.evaluate("(id) => { const s = app.graph.getNodeById(id).subgraph.nodes.find((n) => n.type === 'DeRaDiffLambdaSweep'); "
+                  "s.widgets.find((w) => w.name === 'steps').value = 4; }", bp)
+    forget_cached_outputs(server)
+    entry = run_in_browser(page, server)
+    assert entry["status"].get("status_str") == "success", json.dumps(entry["status"])[:2000]
+    images = [img for out in entry["outputs"].values() for img in out.get("images", []) if img.get("type") == "output"]
+    assert len(images) == 1, entry["outputs"]
+    w, h = Image.open(server.workdir / "output" / images[0]["subfolder"] / images[0]["filename"]).size
+    lambdas = [n for n in definition["nodes"] if n["type"] == "DeRaDiffLambdaSweep"][0]["widgets_values"][0].split(",")
+    assert (w // 32) * (h // 32) >= len(lambdas) and h % 32, ("a grid of a labelled 32×32 cell per λ", w, h, lambdas)
+    page.wait_for_function(IMAGES_SHOWN_JS, arg=[save, False], timeout=30_000)
+    screenshot(page, SHOTS / "blueprint-sweep-grid.png", crop_graph=True)
+    assert_no_alerts(page, "when the blueprint ran")
+    assert console.errors() == [], console.errors()
