@@ -25,6 +25,13 @@ front end and, for every file in example_workflows/:
 - keeps screenshots in test-artifacts/browser/ (DERADIFF_UPDATE_EXAMPLE_IMAGES=1 also writes the
   template thumbnails example_workflows/*.jpg and the README screenshots docs/*.png).
 
+Every example workflow runs in both node renderers: LiteGraph (classic) and the Vue renderer ("Nodes 2.0",
+setting Comfy.VueNodes.Enabled, set through the front end's settings API before the load), with what a user
+sees checked in each (the β/λ line, the schedule plot and its redraw on resize, the λ Search summary, the
+ESS line, no overlapping or clipped widgets) and screenshots of both (<name>-vue-*.png for Vue). The tiny
+family's run is repeated in Vue only with DERADIFF_BROWSER_BOTH_RENDERERS_SLOW=1. The subgraph blueprint
+(subgraphs/) is found in the node search and run.
+
 It also checks the server's template routes and the templates browser (Templates → Extensions →
 comfyui-deradiff shows every workflow with its thumbnail and loads it on click), and that no
 error reached the browser console while workflows were loaded and run.
