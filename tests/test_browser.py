@@ -563,6 +563,24 @@ def test_match_nodes_by_id_then_by_type_and_title():
     assert 6 not in match_nodes(file_nodes, renumbered[1:])
 
 
+def test_layout_problems_finds_overlapping_and_clipped_widgets():
+    box = {"left": 0, "right": 300, "top": 0, "bottom": 200}
+    fine = [{"id": "1", "type": "T", "box": box, "widgets": [
+        {"name": "a", "top": 30, "bottom": 54}, {"name": "b", "top": 54, "bottom": 90},
+        {"name": "deradiff-beta", "top": 60, "bottom": 80, "left": 10, "right": 290, "inner": True}]}]
+    assert layout_problems(fine) == []
+    overlap = json.loads(json.dumps(fine))
+    overlap[0]["widgets"][1]["top"] = 40
+    assert any("overlap" in p for p in layout_problems(overlap))
+    clipped = json.loads(json.dumps(fine))
+    clipped[0]["widgets"][1]["bottom"] = 230
+    assert any("clipped" in p for p in layout_problems(clipped))
+    wide = json.loads(json.dumps(fine))
+    wide[0]["widgets"][2]["right"] = 320
+    assert any("clipped" in p for p in layout_problems(wide))
+    assert any("no DOM element" in p for p in layout_problems([{"id": "2", "type": "T", "missing": True}]))
+
+
 # -- the server's template routes ---------------------------------------------------------
 
 def test_examples_exist():
