@@ -159,25 +159,47 @@ export function drawSchedule(canvas, preview, steps, beta, text) {
 // out of widgets_values; the option keeps it out of the prompt). Its height comes from the DOM-widget
 // options both renderers read (LiteGraph lays nodes out with them; Vue nodes size the element by its CSS),
 // not from a computeSize override, which the Vue renderer ignores.
+const BOX_MARGIN = 4;  // LiteGraph insets a DOM box by this on every side (its default, 10, cut the text short)
+
 function addDisplayBox(node, name, el, minHeight, maxHeight) {
   const box = node.addDOMWidget(name, name, el, {
     serialize: false,
-    getMinHeight: () => minHeight,
-    ...(maxHeight ? { getMaxHeight: () => maxHeight } : {}),
+    margin: BOX_MARGIN,
+    getMinHeight: minHeight,
+    ...(maxHeight ? { getMaxHeight: maxHeight } : {}),
   });
   box.serialize = false;
   return box;
 }
 
+// LiteGraph sizes a node once from its widgets' minimum heights: a box whose text grew (the ESS summary
+// after a run) makes its node taller, never smaller than the user made it. (Vue nodes grow with the DOM.)
+function fitNodeHeight(node) {
+  if (app.extensionManager?.setting?.get?.("Comfy.VueNodes.Enabled")) return;
+  const needed = node.computeSize?.()[1];
+  if (needed > node.size[1]) node.setSize([node.size[0], needed]);
+  node.graph?.setDirtyCanvas?.(true, true);
+}
+
 function addInfoBox(node) {
   const el = document.createElement("div");
   el.className = "deradiff-beta";
-  el.style.cssText = "font-size:11px;opacity:0.8;padding:2px 6px;white-space:normal;min-height:28px;box-sizing:border-box;";
-  addDisplayBox(node, "deradiff_info", el, 32, 32);
+  el.style.cssText = "font-size:11px;line-height:13px;opacity:0.8;padding:2px 6px;white-space:normal;min-height:28px;"
+    + "box-sizing:border-box;";
+  // the text in a block of its own: its height is the text's, whatever height the renderer gives the box
+  const text = document.createElement("div");
+  el.appendChild(text);
+  const height = () => Math.max(32, Math.ceil(text.offsetHeight) + 4 + 2 * BOX_MARGIN);
+  addDisplayBox(node, "deradiff_info", el, height, height);
+  if (typeof ResizeObserver === "function") {  // more lines (a longer text, a narrower node): a taller node
+    const observer = new ResizeObserver(() => fitNodeHeight(node));
+    observer.observe(text);
+    chain(node, "onRemoved", () => observer.disconnect());
+  }
   // With a schedule connected the constant λ is unused: show the schedule's own description (from
   // the last run) instead of a misleading λ line.
   const refresh = () => {
-    el.textContent = (upstream(node, "lambda_schedule")
+    text.textContent = (upstream(node, "lambda_schedule")
       ? node.deradiffScheduleText ?? SCHEDULE_PENDING
       : emulatedBetaText(widget(node, "lambda")?.value, pairBeta(node)))
       + (node.deradiffParticlesText ? ` · ${node.deradiffParticlesText}` : "");
@@ -193,7 +215,7 @@ function addSummaryBox(node) {
   el.className = "deradiff-summary";
   el.style.cssText = "font-size:11px;opacity:0.85;padding:2px 6px;margin:0;white-space:pre-wrap;overflow:auto;"
     + "min-height:86px;box-sizing:border-box;";
-  addDisplayBox(node, "deradiff_summary", el, 90);
+  addDisplayBox(node, "deradiff_summary", el, () => 90);
 }
 
 function addSchedulePreview(node) {
@@ -206,7 +228,7 @@ function addSchedulePreview(node) {
   canvas.className = "deradiff-schedule";
   canvas.style.cssText = "position:absolute;inset:0;width:100%;height:100%;display:block;";
   holder.appendChild(canvas);
-  addDisplayBox(node, "deradiff_preview", holder, 206);
+  addDisplayBox(node, "deradiff_preview", holder, () => 206);
   const redraw = () => drawSchedule(canvas, node.deradiffPreview, Number(widget(node, "preview_steps")?.value) || 20,
     scheduleBeta(node), node.deradiffText);
   const steps = widget(node, "preview_steps");
@@ -214,13 +236,15 @@ function addSchedulePreview(node) {
   node.deradiffRefresh = redraw;
   if (typeof ResizeObserver === "function") {
     let drawn = "";
-    new ResizeObserver(() => {
+    const observer = new ResizeObserver(() => {
       const size = `${canvas.clientWidth}x${canvas.clientHeight}`;
       if (size !== drawn && canvas.clientWidth && canvas.clientHeight) {
         drawn = size;
         redraw();
       }
-    }).observe(holder);
+    });
+    observer.observe(holder);
+    chain(node, "onRemoved", () => observer.disconnect());
   }
   setTimeout(redraw, 0);
 }

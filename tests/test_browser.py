@@ -339,7 +339,15 @@ LAYOUT_JS = r"""
       const widgets = (n.widgets ?? []).filter((w) => !w.hidden && w.type !== "hidden" && !w.options?.hidden)
         .map((w) => ({name: w.name, top: w.y, bottom: w.y + (w.computedHeight
           ?? (w.computeSize ? w.computeSize(n.size[0])[1] : LiteGraph.NODE_WIDGET_HEIGHT))}));
-      out.push({id: String(n.id), type: n.type, box: {left: 0, right: n.size[0], top: 0, bottom: n.size[1]}, widgets});
+      // the pack's boxes as drawn (page pixels) against the node as drawn
+      const [x, y] = app.canvasPosToClientPos(n.pos), s = app.canvas.ds.scale;
+      const contents = (n.widgets ?? []).filter((w) => w.element?.isConnected && /deradiff/.test(w.element.className)
+        && w.element.getClientRects().length).map((w) => {
+          const e = w.element.firstElementChild ?? w.element, r = e.getBoundingClientRect();
+          return {name: w.name, left: r.left, right: r.right, top: r.top, bottom: r.bottom};
+        });
+      out.push({id: String(n.id), type: n.type, box: {left: 0, right: n.size[0], top: 0, bottom: n.size[1]}, widgets,
+                client_box: {left: x, top: y, right: x + n.size[0] * s, bottom: y + n.size[1] * s}, contents});
     }
     return out;
   }
@@ -374,6 +382,11 @@ def layout_problems(layout) -> list[str]:
             if w["top"] < box["top"] - 1 or w["bottom"] > box["bottom"] + 1 or \
                     w.get("left", box["left"]) < box["left"] - 1 or w.get("right", box["right"]) > box["right"] + 1:
                 problems.append(f"{where}: widget {w['name']!r} {w} is clipped by the node's bounds {box}")
+        cbox = node.get("client_box")
+        for c in node.get("contents", []):  # what the pack's boxes show, as drawn
+            if c["top"] < cbox["top"] - 2 or c["bottom"] > cbox["bottom"] + 2 or c["left"] < cbox["left"] - 2 \
+                    or c["right"] > cbox["right"] + 2:
+                problems.append(f"{where}: the text of {c['name']!r} {c} reaches past the node {cbox}")
         flat = sorted((w for w in rows if not w.get("inner") and w["bottom"] - w["top"] > 0), key=lambda w: w["top"])
         for a, b in zip(flat, flat[1:]):
             if b["top"] < a["bottom"] - 1:
@@ -579,6 +592,10 @@ def test_layout_problems_finds_overlapping_and_clipped_widgets():
     wide[0]["widgets"][2]["right"] = 320
     assert any("clipped" in p for p in layout_problems(wide))
     assert any("no DOM element" in p for p in layout_problems([{"id": "2", "type": "T", "missing": True}]))
+    drawn = json.loads(json.dumps(fine))
+    drawn[0].update(client_box={"left": 100, "right": 400, "top": 100, "bottom": 300},
+                    contents=[{"name": "deradiff_info", "left": 110, "right": 390, "top": 280, "bottom": 320}])
+    assert any("reaches past the node" in p for p in layout_problems(drawn))
 
 
 # -- the server's template routes ---------------------------------------------------------
@@ -818,6 +835,7 @@ def resize_node(page, node_id, dw, dh, vue):
     page.mouse.move(x + dw / 2, y + dh / 2, steps=4)
     page.mouse.move(x + dw, y + dh, steps=4)
     page.mouse.up()
+    page.evaluate("() => { app.canvas.deselectAll(); app.canvas.setDirty(true, true); }")  # no selection toolbox in the shots
 
 
 def check_schedule_follows_resize(page, sid, vue):
