@@ -29,10 +29,21 @@ export function emulatedBetaText(lambda, beta) {
 const classOf = (node) => node?.comfyClass ?? node?.type;
 const widget = (node, name) => node?.widgets?.find((w) => w.name === name);
 
+// Graph access through LiteGraph's public node accessors (present in front ends 1.32 and 1.49), not
+// the deprecated indexed `graph.links[id]` proxy.
 function upstream(node, inputName) {
-  const input = node?.inputs?.find((i) => i.name === inputName);
-  const link = input?.link != null ? node.graph?.links?.[input.link] : null;
+  const slot = node?.inputs?.findIndex((i) => i.name === inputName) ?? -1;
+  if (slot < 0 || node.inputs[slot].link == null) return null;
+  if (typeof node.getInputNode === "function") return node.getInputNode(slot);
+  const link = node.graph?.getLink?.(node.inputs[slot].link) ?? node.graph?.links?.get?.(node.inputs[slot].link);
   return link ? node.graph.getNodeById(link.origin_id) : null;
+}
+
+// The nodes fed by one of this node's outputs.
+function downstream(node, slot) {
+  if (typeof node?.getOutputNodes === "function") return node.getOutputNodes(slot) ?? [];
+  return (node?.outputs?.[slot]?.links ?? []).map((id) => node.graph?.getLink?.(id) ?? node.graph?.links?.get?.(id))
+    .filter(Boolean).map((link) => node.graph.getNodeById(link.target_id)).filter(Boolean);
 }
 
 // β of the pair node feeding this node's `pair` input (0 when unknown).
@@ -46,10 +57,8 @@ function pairBeta(node) {
 function scheduleBeta(node) {
   const own = pairBeta(node);
   if (own) return own;
-  for (const linkId of node.outputs?.[0]?.links ?? []) {
-    const link = node.graph?.links?.[linkId];
-    const target = link ? node.graph.getNodeById(link.target_id) : null;
-    const beta = target ? pairBeta(target) : 0;
+  for (const target of downstream(node, 0)) {
+    const beta = pairBeta(target);
     if (beta) return beta;
   }
   return 0;
@@ -66,7 +75,7 @@ function gridBeta(node) {
 // Every drawing in the graph that may show this β (the pair's own graph: a subgraph, or the root).
 function refreshAll(graph) {
   const g = graph ?? app.graph;
-  for (const node of g?._nodes ?? g?.nodes ?? []) node.deradiffRefresh?.();
+  for (const node of g?.nodes ?? []) node.deradiffRefresh?.();
 }
 
 function chain(obj, key, after) {
@@ -146,16 +155,51 @@ export function drawSchedule(canvas, preview, steps, beta, text) {
     : (text || "λ schedule (connect a pair with β to see β/λ)"), left, 16);
 }
 
+// A DOM box that shows text or a drawing only: never saved in the workflow (`serialize = false` keeps it
+// out of widgets_values; the option keeps it out of the prompt). Its height comes from the DOM-widget
+// options both renderers read (LiteGraph lays nodes out with them; Vue nodes size the element by its CSS),
+// not from a computeSize override, which the Vue renderer ignores.
+const BOX_MARGIN = 4;  // LiteGraph insets a DOM box by this on every side (its default, 10, cut the text short)
+
+function addDisplayBox(node, name, el, minHeight, maxHeight) {
+  const box = node.addDOMWidget(name, name, el, {
+    serialize: false,
+    margin: BOX_MARGIN,
+    getMinHeight: minHeight,
+    ...(maxHeight ? { getMaxHeight: maxHeight } : {}),
+  });
+  box.serialize = false;
+  return box;
+}
+
+// LiteGraph sizes a node once from its widgets' minimum heights: a box whose text grew (the ESS summary
+// after a run) makes its node taller, never smaller than the user made it. (Vue nodes grow with the DOM.)
+function fitNodeHeight(node) {
+  if (app.extensionManager?.setting?.get?.("Comfy.VueNodes.Enabled")) return;
+  const needed = node.computeSize?.()[1];
+  if (needed > node.size[1]) node.setSize([node.size[0], needed]);
+  node.graph?.setDirtyCanvas?.(true, true);
+}
+
 function addInfoBox(node) {
   const el = document.createElement("div");
   el.className = "deradiff-beta";
-  el.style.cssText = "font-size:11px;opacity:0.8;padding:2px 6px;white-space:normal;";
-  const box = node.addDOMWidget("deradiff_info", "deradiff_info", el, { serialize: false });
-  box.computeSize = () => [0, 32];
+  el.style.cssText = "font-size:11px;line-height:13px;opacity:0.8;padding:2px 6px;white-space:normal;min-height:28px;"
+    + "box-sizing:border-box;";
+  // the text in a block of its own: its height is the text's, whatever height the renderer gives the box
+  const text = document.createElement("div");
+  el.appendChild(text);
+  const height = () => Math.max(32, Math.ceil(text.offsetHeight) + 4 + 2 * BOX_MARGIN);
+  addDisplayBox(node, "deradiff_info", el, height, height);
+  if (typeof ResizeObserver === "function") {  // more lines (a longer text, a narrower node): a taller node
+    const observer = new ResizeObserver(() => fitNodeHeight(node));
+    observer.observe(text);
+    chain(node, "onRemoved", () => observer.disconnect());
+  }
   // With a schedule connected the constant λ is unused: show the schedule's own description (from
   // the last run) instead of a misleading λ line.
   const refresh = () => {
-    el.textContent = (upstream(node, "lambda_schedule")
+    text.textContent = (upstream(node, "lambda_schedule")
       ? node.deradiffScheduleText ?? SCHEDULE_PENDING
       : emulatedBetaText(widget(node, "lambda")?.value, pairBeta(node)))
       + (node.deradiffParticlesText ? ` · ${node.deradiffParticlesText}` : "");
@@ -169,22 +213,39 @@ function addInfoBox(node) {
 function addSummaryBox(node) {
   const el = document.createElement("pre");
   el.className = "deradiff-summary";
-  el.style.cssText = "font-size:11px;opacity:0.85;padding:2px 6px;margin:0;white-space:pre-wrap;overflow:auto;";
-  const box = node.addDOMWidget("deradiff_summary", "deradiff_summary", el, { serialize: false });
-  box.computeSize = () => [0, 90];
+  el.style.cssText = "font-size:11px;opacity:0.85;padding:2px 6px;margin:0;white-space:pre-wrap;overflow:auto;"
+    + "min-height:86px;box-sizing:border-box;";
+  addDisplayBox(node, "deradiff_summary", el, () => 90);
 }
 
 function addSchedulePreview(node) {
+  // The canvas sits absolutely inside a box the renderer sizes, so the drawing's own pixel size never
+  // feeds back into the layout; a ResizeObserver redraws it whenever the node (and so the box) is resized.
+  const holder = document.createElement("div");
+  holder.className = "deradiff-schedule-box";
+  holder.style.cssText = "position:relative;width:100%;height:100%;min-height:200px;";
   const canvas = document.createElement("canvas");
   canvas.className = "deradiff-schedule";
-  canvas.style.cssText = "width:100%;height:200px;display:block;";
-  const box = node.addDOMWidget("deradiff_preview", "deradiff_preview", canvas, { serialize: false });
-  box.computeSize = () => [0, 206];
+  canvas.style.cssText = "position:absolute;inset:0;width:100%;height:100%;display:block;";
+  holder.appendChild(canvas);
+  addDisplayBox(node, "deradiff_preview", holder, () => 206);
   const redraw = () => drawSchedule(canvas, node.deradiffPreview, Number(widget(node, "preview_steps")?.value) || 20,
     scheduleBeta(node), node.deradiffText);
   const steps = widget(node, "preview_steps");
   if (steps) chain(steps, "callback", redraw);
   node.deradiffRefresh = redraw;
+  if (typeof ResizeObserver === "function") {
+    let drawn = "";
+    const observer = new ResizeObserver(() => {
+      const size = `${canvas.clientWidth}x${canvas.clientHeight}`;
+      if (size !== drawn && canvas.clientWidth && canvas.clientHeight) {
+        drawn = size;
+        redraw();
+      }
+    });
+    observer.observe(holder);
+    chain(node, "onRemoved", () => observer.disconnect());
+  }
   setTimeout(redraw, 0);
 }
 

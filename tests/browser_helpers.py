@@ -830,6 +830,72 @@ def write_workflows(comfy_root=None, names=None):
 
 
 
+# -- the subgraph blueprint ----------------------------------------------------------------
+# ComfyUI (0.3.75 and 0.33.0, app/subgraph_manager.py) serves every custom_nodes/<pack>/subgraphs/*.json at
+# /global_subgraphs; the front end lists each under "Subgraph Blueprints" in its node library and search, named
+# after the file. A blueprint is a workflow whose only node is an instance of a subgraph in definitions.subgraphs.
+BLUEPRINT_DIR = REPO / "subgraphs"
+BLUEPRINT_NAME = "DeRaDiff λ Sweep Grid"
+BLUEPRINT_SOURCE = "deradiff_lambda_sweep_grid"  # the example workflow the group is taken from
+BLUEPRINT_TYPES = ["DeRaDiffLambdaSweep", "VAEDecode", "DeRaDiffSweepGrid"]
+BLUEPRINT_CATEGORY = "DeRaDiff"
+BLUEPRINT_DESCRIPTION = (
+    "DeRaDiff λ Sweep → VAE Decode → DeRaDiff Sweep Grid: several λ with one seed in one batched pass, decoded "
+    "and laid out as one grid labelled with λ (and β/λ when β is set on the grid inside). Connect a DeRaDiff pair, "
+    "the prompts, an empty latent and the VAE; the λ list and the sampler settings are on the λ Sweep inside.")
+
+# Selects the nodes of the given types in the example graph on the canvas, converts them to a subgraph with the
+# front end's own command (what "Convert to Subgraph" in the node menu does), keeps only that subgraph node and
+# returns the graph as the front end serialises it.
+BLUEPRINT_JS = r"""
+async ([types, title]) => {
+  const g = app.graph;
+  const inner = g.nodes.filter((n) => types.includes(n.type));
+  if (inner.length !== types.length) throw new Error(`expected ${types}, found ${inner.map((n) => n.type)}`);
+  app.canvas.deselectAll();
+  app.canvas.selectItems(inner);
+  await app.extensionManager.command.execute("Comfy.Graph.ConvertToSubgraph");
+  const node = g.nodes.find((n) => n.subgraph || n.isSubgraphNode?.());
+  if (!node) throw new Error("the front end made no subgraph node");
+  node.title = title;
+  for (const other of g.nodes.filter((n) => n !== node)) g.remove(other);
+  await new Promise((r) => setTimeout(r, 200));
+  return JSON.stringify(g.serialize());
+}
+"""
+
+
+def write_blueprint(comfy_root=None):
+    """Builds subgraphs/<BLUEPRINT_NAME>.json in the real front end: the example graph, the group converted to a
+    subgraph by the front end, serialised; then the subgraph's name, category and description are set."""
+    from playwright.sync_api import sync_playwright
+    import comfyui_runtime
+    root = comfy_root or comfyui_runtime.comfyui_root()
+    work = Path(tempfile.mkdtemp(prefix="deradiff-blueprint-"))
+    try:
+        with comfy_with_pack(root, work) as server, sync_playwright() as p:
+            context, profile = launch_browser(p)
+            try:
+                page = open_front_end(context.new_page(), server.url)
+                page.evaluate(BUILD_JS, workflow_spec(BLUEPRINT_SOURCE))
+                data = json.loads(page.evaluate(BLUEPRINT_JS, [BLUEPRINT_TYPES, BLUEPRINT_NAME]))
+            finally:
+                context.close()
+                shutil.rmtree(profile, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (definition,) = data["definitions"]["subgraphs"]
+    assert len(data["nodes"]) == 1 and data["nodes"][0]["type"] == definition["id"], data["nodes"]
+    definition.update(name=BLUEPRINT_NAME, category=BLUEPRINT_CATEGORY, description=BLUEPRINT_DESCRIPTION)
+    data.pop("models", None)
+    data["extra"] = {k: v for k, v in (data.get("extra") or {}).items() if k != "ds"}
+    BLUEPRINT_DIR.mkdir(exist_ok=True)
+    path = BLUEPRINT_DIR / f"{BLUEPRINT_NAME}.json"
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    print("wrote", path)
+    return path
+
+
 def write_icon(path: Path = DOCS / "icon.png", size=400):
     """The registry icon ([tool.comfy] Icon): a λ on a dial, square, 400x400."""
     from PIL import Image, ImageDraw, ImageFont
@@ -864,5 +930,7 @@ def write_icon(path: Path = DOCS / "icon.png", size=400):
 if __name__ == "__main__":
     if "--icon" in sys.argv:
         print("wrote", write_icon())
+    elif "--blueprint" in sys.argv:  # with the front end of DERADIFF_COMFYUI (the blueprint is made on 0.33.0)
+        write_blueprint()
     else:
         write_workflows(names=[a for a in sys.argv[1:] if not a.startswith("-")] or None)

@@ -25,6 +25,13 @@ front end and, for every file in example_workflows/:
 - keeps screenshots in test-artifacts/browser/ (DERADIFF_UPDATE_EXAMPLE_IMAGES=1 also writes the
   template thumbnails example_workflows/*.jpg and the README screenshots docs/*.png).
 
+Every example workflow runs in both node renderers: LiteGraph (classic) and the Vue renderer ("Nodes 2.0",
+setting Comfy.VueNodes.Enabled, set through the front end's settings API before the load), with what a user
+sees checked in each (the β/λ line, the schedule plot and its redraw on resize, the λ Search summary, the
+ESS line, no overlapping or clipped widgets) and screenshots of both (<name>-vue-*.png for Vue). The tiny
+family's run is repeated in Vue only with DERADIFF_BROWSER_BOTH_RENDERERS_SLOW=1. The subgraph blueprint
+(subgraphs/) is found in the node search and run.
+
 It also checks the server's template routes and the templates browser (Templates → Extensions →
 comfyui-deradiff shows every workflow with its thumbnail and loads it on click), and that no
 error reached the browser console while workflows were loaded and run.
@@ -214,7 +221,8 @@ INFO_BOX_JS = r"""
 SCHEDULE_CANVAS_JS = r"""
 (id) => {
   const n = app.graph.getNodeById(id);
-  const c = n?.widgets?.find((w) => w.name === "deradiff_preview")?.element;
+  const box = n?.widgets?.find((w) => w.name === "deradiff_preview")?.element;
+  const c = box?.querySelector("canvas") ?? box;
   if (!c || !c.width) return null;
   const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
   let curve = 0, digest = 0;
@@ -223,7 +231,7 @@ SCHEDULE_CANVAS_JS = r"""
     digest = (digest * 31 + d[i] + 7 * d[i + 1] + 13 * d[i + 2]) % 1000000007;
   }
   const r = c.getBoundingClientRect();
-  return {curve, digest, w: r.width, h: r.height};
+  return {curve, digest, w: r.width, h: r.height, pw: c.width, ph: c.height, cw: c.clientWidth, ch: c.clientHeight};
 }
 """
 
@@ -280,6 +288,131 @@ def assert_no_alerts(page, when):
     assert alerts == {"toasts": [], "dialogs": []}, f"the front end showed alerts {when}: {alerts}"
 
 
+# -- the two node renderers ----------------------------------------------------------------
+
+# LiteGraph draws nodes on its canvas ("classic"); the Vue renderer ("Nodes 2.0", setting
+# Comfy.VueNodes.Enabled, in front ends 1.27.1 and later: 1.32.9 with ComfyUI 0.3.75 and 1.49.6 with 0.33.0)
+# makes every node a DOM element and moves the pack's DOM boxes into it.
+RENDERERS = ["litegraph", "vue"]
+# Every example workflow runs in both renderers. Those that take long (the tiny family's 20 steps) run
+# in the second renderer only with DERADIFF_BROWSER_BOTH_RENDERERS_SLOW=1: the Vue run is a second copy of
+# a minute of sampling that checks nothing the shorter workflows' Vue runs do not.
+SLOW_IN_BOTH = os.environ.get("DERADIFF_BROWSER_BOTH_RENDERERS_SLOW") == "1"
+SLOW_WORKFLOWS = {"deradiff_tiny_family"}
+
+SET_RENDERER_JS = r"""
+async (vue) => {
+  await app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
+  return app.extensionManager.setting.get("Comfy.VueNodes.Enabled");
+}
+"""
+
+
+def use_renderer(page, renderer):
+    """Switches the renderer through the front end's settings API (before a workflow is loaded)."""
+    got = page.evaluate(SET_RENDERER_JS, renderer == "vue")
+    assert got is (renderer == "vue"), f"the setting Comfy.VueNodes.Enabled did not take: {got}"
+    page.wait_for_timeout(300)
+
+
+def wait_for_renderer(page, renderer, timeout=20_000):
+    """After a load: in the Vue renderer every node of the graph is a DOM element; in LiteGraph none is."""
+    if renderer == "vue":
+        page.wait_for_function("() => app.graph.nodes.length > 0 && app.graph.nodes.every("
+                               "(n) => document.querySelector(`[data-node-id='${n.id}']`))", timeout=timeout)
+    else:
+        page.wait_for_function("() => !document.querySelector('[data-node-id]')", timeout=timeout)
+    page.wait_for_timeout(300)
+
+
+# What a user sees of each node's widgets. LiteGraph: the layout LiteGraph computed (widget.y and
+# computedHeight in node units, after a draw). Vue: the DOM rectangles of the node and of its widget rows,
+# and of the pack's own boxes (in page pixels).
+LAYOUT_JS = r"""
+(vue) => {
+  app.canvas.setDirty(true, true);
+  app.canvas.draw(true, true);
+  const out = [];
+  if (!vue) {
+    for (const n of app.graph.nodes) {
+      if (n.flags?.collapsed) continue;
+      const widgets = (n.widgets ?? []).filter((w) => !w.hidden && w.type !== "hidden" && !w.options?.hidden)
+        .map((w) => ({name: w.name, top: w.y, bottom: w.y + (w.computedHeight
+          ?? (w.computeSize ? w.computeSize(n.size[0])[1] : LiteGraph.NODE_WIDGET_HEIGHT))}));
+      // the pack's boxes as drawn (page pixels) against the node as drawn
+      const [x, y] = app.canvasPosToClientPos(n.pos), s = app.canvas.ds.scale;
+      const contents = (n.widgets ?? []).filter((w) => w.element?.isConnected && /deradiff/.test(w.element.className)
+        && w.element.getClientRects().length).map((w) => {
+          const e = w.element.firstElementChild ?? w.element, r = e.getBoundingClientRect();
+          return {name: w.name, left: r.left, right: r.right, top: r.top, bottom: r.bottom};
+        });
+      out.push({id: String(n.id), type: n.type, box: {left: 0, right: n.size[0], top: 0, bottom: n.size[1]}, widgets,
+                client_box: {left: x, top: y, right: x + n.size[0] * s, bottom: y + n.size[1] * s}, contents});
+    }
+    return out;
+  }
+  const rect = (e) => { const r = e.getBoundingClientRect(); return {left: r.left, right: r.right, top: r.top, bottom: r.bottom}; };
+  for (const n of app.graph.nodes) {
+    const el = document.querySelector(`[data-node-id='${n.id}']`);
+    if (!el) { out.push({id: String(n.id), type: n.type, missing: true}); continue; }
+    const rows = [...el.querySelectorAll(".lg-node-widget")]
+      .filter((r) => r.getClientRects().length && !r.parentElement.closest(".lg-node-widget"));
+    const widgets = rows.map((r, i) => ({name: `row ${i}: ${r.innerText.slice(0, 40)}`, ...rect(r)}));
+    for (const box of el.querySelectorAll(".deradiff-beta, .deradiff-summary, .deradiff-schedule-box"))
+      widgets.push({name: box.className, ...rect(box), inner: true});
+    out.push({id: String(n.id), type: n.type, box: rect(el), widgets});
+  }
+  return out;
+}
+"""
+
+
+def layout_problems(layout) -> list[str]:
+    """Widgets of a node that overlap one another, or reach past the node's bounds (clipped)."""
+    problems = []
+    for node in layout:
+        where = f"{node['type']} {node['id']}"
+        if node.get("missing"):
+            problems.append(f"{where}: no DOM element in the Vue renderer")
+            continue
+        box, rows = node["box"], node["widgets"]
+        for w in rows:
+            if w["bottom"] - w["top"] <= 0:
+                continue
+            if w["top"] < box["top"] - 1 or w["bottom"] > box["bottom"] + 1 or \
+                    w.get("left", box["left"]) < box["left"] - 1 or w.get("right", box["right"]) > box["right"] + 1:
+                problems.append(f"{where}: widget {w['name']!r} {w} is clipped by the node's bounds {box}")
+        cbox = node.get("client_box")
+        for c in node.get("contents", []):  # what the pack's boxes show, as drawn
+            if c["top"] < cbox["top"] - 2 or c["bottom"] > cbox["bottom"] + 2 or c["left"] < cbox["left"] - 2 \
+                    or c["right"] > cbox["right"] + 2:
+                problems.append(f"{where}: the text of {c['name']!r} {c} reaches past the node {cbox}")
+        flat = sorted((w for w in rows if not w.get("inner") and w["bottom"] - w["top"] > 0), key=lambda w: w["top"])
+        for a, b in zip(flat, flat[1:]):
+            if b["top"] < a["bottom"] - 1:
+                problems.append(f"{where}: widgets {a['name']!r} and {b['name']!r} overlap ({a['bottom']} > {b['top']})")
+    return problems
+
+
+def assert_layout(page, renderer, when):
+    problems = layout_problems(page.evaluate(LAYOUT_JS, renderer == "vue"))
+    assert not problems, f"overlapping or clipped widgets in the {renderer} renderer {when}:\n" + "\n".join(problems)
+
+
+# The images a SaveImage node shows: LiteGraph keeps them on the node (node.imgs, drawn on its canvas); the
+# Vue renderer shows them as <img> elements in the node.
+IMAGES_SHOWN_JS = r"""
+([id, vue]) => {
+  if (!vue) {
+    const n = app.graph.getNodeById(id);
+    return !!(n?.imgs?.length && n.imgs.every((i) => i.complete && i.naturalWidth > 0));
+  }
+  const imgs = [...(document.querySelector(`[data-node-id='${id}']`)?.querySelectorAll("img") ?? [])];
+  return imgs.length > 0 && imgs.every((i) => i.complete && i.naturalWidth > 0 && i.getClientRects().length);
+}
+"""
+
+
 # -- helpers -------------------------------------------------------------------------------
 
 def run_in_browser(page, server) -> dict:
@@ -289,6 +422,13 @@ def run_in_browser(page, server) -> dict:
         page.locator("button:has-text('Run')").first.click()
     assert response.value.status == 200, response.value.text()
     return server.wait(response.value.json()["prompt_id"], timeout=600)
+
+
+def forget_cached_outputs(server):
+    """Makes the next prompt run every node again: the same workflow run in the other renderer would
+    otherwise come from the server's cache, without the nodes' ui outputs the pack's boxes show."""
+    server.post("/free", {"free_memory": True, "unload_models": False})
+    time.sleep(1.5)  # the server's worker applies the flag when it next wakes (every second when idle)
 
 
 def load_example(page, name):
@@ -436,6 +576,28 @@ def test_match_nodes_by_id_then_by_type_and_title():
     assert 6 not in match_nodes(file_nodes, renumbered[1:])
 
 
+def test_layout_problems_finds_overlapping_and_clipped_widgets():
+    box = {"left": 0, "right": 300, "top": 0, "bottom": 200}
+    fine = [{"id": "1", "type": "T", "box": box, "widgets": [
+        {"name": "a", "top": 30, "bottom": 54}, {"name": "b", "top": 54, "bottom": 90},
+        {"name": "deradiff-beta", "top": 60, "bottom": 80, "left": 10, "right": 290, "inner": True}]}]
+    assert layout_problems(fine) == []
+    overlap = json.loads(json.dumps(fine))
+    overlap[0]["widgets"][1]["top"] = 40
+    assert any("overlap" in p for p in layout_problems(overlap))
+    clipped = json.loads(json.dumps(fine))
+    clipped[0]["widgets"][1]["bottom"] = 230
+    assert any("clipped" in p for p in layout_problems(clipped))
+    wide = json.loads(json.dumps(fine))
+    wide[0]["widgets"][2]["right"] = 320
+    assert any("clipped" in p for p in layout_problems(wide))
+    assert any("no DOM element" in p for p in layout_problems([{"id": "2", "type": "T", "missing": True}]))
+    drawn = json.loads(json.dumps(fine))
+    drawn[0].update(client_box={"left": 100, "right": 400, "top": 100, "bottom": 300},
+                    contents=[{"name": "deradiff_info", "left": 110, "right": 390, "top": 280, "bottom": 320}])
+    assert any("reaches past the node" in p for p in layout_problems(drawn))
+
+
 # -- the server's template routes ---------------------------------------------------------
 
 def test_examples_exist():
@@ -458,9 +620,16 @@ def test_workflow_template_routes(server):
 
 # -- each example workflow in the browser -------------------------------------------------
 
+@pytest.mark.parametrize("renderer", RENDERERS)
 @pytest.mark.parametrize("name", EXAMPLE_NAMES)
-def test_example_workflow_in_browser(name, ui, server, object_info):
+def test_example_workflow_in_browser(name, renderer, ui, server, object_info):
     page, console = ui
+    if renderer != RENDERERS[0] and name in SLOW_WORKFLOWS and not SLOW_IN_BOTH:
+        pytest.skip(f"{name} takes about a minute to sample: it runs in the {RENDERERS[0]} renderer, and in "
+                    f"{renderer} only with DERADIFF_BROWSER_BOTH_RENDERERS_SLOW=1")
+    use_renderer(page, renderer)
+    vue = renderer == "vue"
+    tag = "" if renderer == RENDERERS[0] else f"-{renderer}"  # screenshot names: LiteGraph's as before
     console.mark()
     page.evaluate(CLOSE_ALERTS_JS, DIALOG)  # left open by an earlier test that failed
     page.wait_for_timeout(300)
@@ -472,6 +641,7 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
 
     # 1. drop the file on the canvas
     seen = load_example(page, name)
+    wait_for_renderer(page, renderer)
     assert seen["missingNodes"] == [], f"the front end reports missing nodes: {seen['missingNodes']}"
     # newer front ends also report loader values absent on the server: only the NOT_HERE files may be
     not_here = uses_files_not_here(data)
@@ -530,8 +700,11 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
         beta = next(w["value"] for w in loaded[pair["id"]]["widgets"] if w["name"] == "beta")
         assert box["visible"] and box["w"] > 50 and box["h"] > 5, box
         assert box["text"] == (SCHEDULE_PENDING if scheduled(node) else expected_info_text(lam, beta))
-    loaded_shot = screenshot(page, SHOTS / f"{name}-loaded.png", crop_graph=True)
+    assert_layout(page, renderer, f"when {name} was loaded")
+    loaded_shot = screenshot(page, SHOTS / f"{name}{tag}-loaded.png", crop_graph=True)
     frame_types, thumb_after_run = THUMBNAILS[name]
+    thumb_after_run = thumb_after_run or vue  # thumbnails: LiteGraph's only (thumb stays None in Vue)
+    thumb = None
     if not thumb_after_run:
         thumb = screenshot(page, SHOTS / f"{name}-thumbnail.png", frame=frame_types)
 
@@ -546,7 +719,7 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
     assert console.errors() == [], f"errors while loading {name}: {console.errors()}"
     if not_here:  # text encoders / VAEs with no stand-in (browser_helpers.NOT_HERE): everything above
         # was checked; the run needs them, and tests/test_families_server.py runs the graph without them
-        if UPDATE_IMAGES:
+        if UPDATE_IMAGES and thumb:
             write_thumbnail(thumb, EXAMPLES / f"{name}.jpg")
         print(f"{name}: not run here, it loads {', '.join(not_here)} (no stand-in)")
         return
@@ -554,6 +727,7 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
     # 4. run it, small (or as saved: RUN_AS_SAVED)
     if name not in RUN_AS_SAVED:
         page.evaluate(SHRINK_JS, [RUN_SIZE, RUN_STEPS])
+    forget_cached_outputs(server)
     t0 = time.monotonic()
     entry = run_in_browser(page, server)
     run_s = time.monotonic() - t0
@@ -577,9 +751,7 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
                 assert w >= 400 and h >= 200, (w, h)  # the search's plot
             else:
                 assert (w, h) == (RUN_SIZE, RUN_SIZE)
-        page.wait_for_function(
-            "(id) => { const n = app.graph.getNodeById(id); return !!(n?.imgs?.length && n.imgs.every((i) => i.complete && i.naturalWidth > 0)); }",
-            arg=live_id[save["id"]], timeout=30_000)
+        page.wait_for_function(IMAGES_SHOWN_JS, arg=[live_id[save["id"]], vue], timeout=30_000)
     for sched in node_of(data, "DeRaDiffLambdaSchedule"):
         sid = live_id[sched["id"]]
         ui_out = outputs.get(str(sid), {})
@@ -595,24 +767,93 @@ def test_example_workflow_in_browser(name, ui, server, object_info):
         assert redrawn["digest"] != drawn["digest"] and redrawn["curve"] > 50, (drawn, redrawn)
         assert page.evaluate(PROMPT_JS) == before, "preview_steps reached the prompt"
         page.evaluate(SET_WIDGET_JS, [sid, "preview_steps", steps])
+        check_schedule_follows_resize(page, sid, vue)
     for node in samplers:  # a schedule's own description from the server, else the editor's β/λ line
         ui_out = outputs[str(live_id[node["id"]])]
         lam = next(w["value"] for w in loaded[node["id"]]["widgets"] if w["name"] == "lambda")
         text = ui_out["deradiff"][0] if ui_out.get("deradiff_schedule", [False])[0] else expected_info_text(lam, pair_beta(data, loaded))
         page.wait_for_function("(t) => [...document.querySelectorAll('.deradiff-beta')].some((e) => e.textContent === t)",
                                arg=text, timeout=10_000)
+    for search in node_of(data, "DeRaDiffLambdaSearch"):  # its summary, as the server sent it
+        text = outputs[str(live_id[search["id"]])]["text"][0]
+        assert "λ" in text, text
+        page.wait_for_function(SUMMARY_SHOWN_JS, arg=[live_id[search["id"]], text], timeout=10_000)
     page.wait_for_timeout(300)
     assert_no_alerts(page, f"when {name} ran")
-    ran = screenshot(page, SHOTS / f"{name}-ran.png", crop_graph=True)
-    if thumb_after_run:
+    assert_layout(page, renderer, f"after {name} ran")
+    ran = screenshot(page, SHOTS / f"{name}{tag}-ran.png", crop_graph=True)
+    if thumb_after_run and not vue:
         thumb = screenshot(page, SHOTS / f"{name}-thumbnail.png", frame=frame_types)
     assert console.errors() == [], f"errors while running {name}: {console.errors()}"
-    print(f"{name}: ran in {run_s:.1f} s")
+    print(f"{name} ({renderer}): ran in {run_s:.1f} s")
 
-    if UPDATE_IMAGES:
+    if UPDATE_IMAGES and not vue:
         write_thumbnail(thumb, EXAMPLES / f"{name}.jpg")
         if name in DOC_IMAGES:
             write_doc_image(loaded_shot if DOC_IMAGES[name] == "loaded" else ran, DOCS / f"{name}.png")
+
+
+# The λ Search summary box shows the server's text and is visible (not a collapsed or zero-height box).
+SUMMARY_SHOWN_JS = r"""
+([id, text]) => {
+  const el = app.graph.getNodeById(id)?.widgets?.find((w) => w.name === "deradiff_summary")?.element;
+  if (!el || el.textContent !== text || !el.isConnected) return false;
+  const r = el.getBoundingClientRect();
+  return r.width > 50 && r.height > 20;
+}
+"""
+
+# Resizes a node as a drag of its corner ends: LiteGraph's setSize (the Vue renderer follows the node's size).
+RESIZE_JS = r"""
+([id, dw, dh]) => {
+  const n = app.graph.getNodeById(id);
+  n.setSize([n.size[0] + dw, n.size[1] + dh]);
+  app.graph.setDirtyCanvas(true, true);
+  return [...n.size];
+}
+"""
+
+
+def resize_node(page, node_id, dw, dh, vue):
+    """Resizes a node as a user does: in the Vue renderer a drag of its bottom-right resize handle (page
+    pixels), in LiteGraph the node's own setSize (canvas units; what LiteGraph's corner drag calls)."""
+    if not vue:
+        page.evaluate(RESIZE_JS, [node_id, dw, dh])
+        return
+    # the node in view, with room right and below for the drag
+    page.evaluate("(id) => { const n = app.graph.getNodeById(id); const [x, y] = n.pos, [w, h] = n.size; "
+                  "app.canvas.ds.fitToBounds([x - 40, y - 80, w + 400, h + 400], {zoom: 0.9}); app.canvas.setDirty(true, true); }",
+                  node_id)
+    page.wait_for_timeout(300)
+    node = page.locator(f"[data-node-id='{node_id}']")
+    node.hover()
+    handle = node.locator("[role=button][aria-label*='bottom-right' i]").first
+    box = handle.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + dw / 2, y + dh / 2, steps=4)
+    page.mouse.move(x + dw, y + dh, steps=4)
+    page.mouse.up()
+    page.evaluate("() => { app.canvas.deselectAll(); app.canvas.setDirty(true, true); }")  # no selection toolbox in the shots
+
+
+def check_schedule_follows_resize(page, sid, vue):
+    """The plot is redrawn at the new size when the node is resized (and back)."""
+    drawn = page.evaluate(SCHEDULE_CANVAS_JS, sid)
+    resize_node(page, sid, 160, 120, vue)
+    try:
+        page.wait_for_function(f"([w, h]) => {{ const d = ({SCHEDULE_CANVAS_JS})({sid}); "
+                               "return d && d.cw > w + 50 && d.curve > 50; }", arg=[drawn["cw"], drawn["ch"]], timeout=10_000)
+        bigger = page.evaluate(SCHEDULE_CANVAS_JS, sid)
+        dpr = page.evaluate("() => window.devicePixelRatio || 1")
+        assert abs(bigger["pw"] - round(bigger["cw"] * dpr)) <= 1 and abs(bigger["ph"] - round(bigger["ch"] * dpr)) <= 1, (
+            "the plot was not redrawn at its new size", drawn, bigger)
+        assert bigger["digest"] != drawn["digest"], (drawn, bigger)
+        if not vue:  # LiteGraph gives the plot the node's new height too (Vue: its rows keep their height)
+            assert bigger["ch"] > drawn["ch"] + 50, (drawn, bigger)
+    finally:
+        resize_node(page, sid, -160, -120, vue)
 
 
 def widget_value(data, loaded, node_type, name):
@@ -744,6 +985,7 @@ CARD_THUMBNAIL_JS = r"""
 
 def test_templates_browser_lists_and_loads_the_examples(ui, server):
     page, console = ui
+    use_renderer(page, "litegraph")
     console.mark()
     page.evaluate(CLOSE_ALERTS_JS, DIALOG)
     page.evaluate("() => app.graph.clear()")
@@ -790,6 +1032,7 @@ def test_workflow_saved_before_full_pass_every_loads_with_its_default(ui, server
     full_pass_every existed has the info box's value where full_pass_every now sits. It must load
     with full_pass_every = 1 (the exact method) and send a valid prompt."""
     page, console = ui
+    use_renderer(page, "litegraph")
     console.mark()
     page.evaluate(CLOSE_ALERTS_JS, DIALOG)
     name = "deradiff_sd15_dpo"
@@ -798,9 +1041,10 @@ def test_workflow_saved_before_full_pass_every_loads_with_its_default(ui, server
     sampler = node_of(old, "DeRaDiffKSampler")[0]
     optional = object_info["DeRaDiffKSampler"]["input_order"].get("optional", [])
     later = optional[optional.index("full_pass_every"):]  # inputs added since (particles, ...)
-    # what the pack saved before: the widget values up to denoise, then the info box's ""
-    assert sampler["widgets_values"][-1] == ""
-    sampler["widgets_values"] = sampler["widgets_values"][:-1 - len(later)] + [""]
+    # what the pack saved before: the widget values up to denoise, then the info box's "" (the files no
+    # longer hold the box: it is not serialised)
+    assert sampler["widgets_values"][-1] != "" and len(sampler["widgets_values"]) > len(later)
+    sampler["widgets_values"] = sampler["widgets_values"][:-len(later)] + [""]
     sampler["inputs"] = [i for i in sampler["inputs"] if i["name"] not in later]
     page.evaluate(DROP_JS, [name + "_old", json.dumps(old)])
     page.wait_for_timeout(500)
@@ -816,16 +1060,18 @@ def test_workflow_saved_before_full_pass_every_loads_with_its_default(ui, server
     assert console.errors() == [], console.errors()
 
 
-def test_particle_mode_shows_the_ess_on_the_node(ui, server):
+@pytest.mark.parametrize("renderer", RENDERERS)
+def test_particle_mode_shows_the_ess_on_the_node(renderer, ui, server):
     """particles > 1: after a run the KSampler's info line gains the ESS summary the server sent
     (ui output ``deradiff_particles``), and a later run with particles = 1 removes it."""
     page, console = ui
+    use_renderer(page, renderer)
     console.mark()
     page.evaluate(CLOSE_ALERTS_JS, DIALOG)
     name = "deradiff_sd15_dpo"
     data = json.loads((EXAMPLES / f"{name}.json").read_text())
     load_example(page, name)
-    page.wait_for_timeout(500)
+    wait_for_renderer(page, renderer)
     state = page.evaluate(STATE_JS)
     live_id = {node_id: got["id"] for node_id, got in match_nodes(data["nodes"], state["nodes"]).items()}
     sampler = live_id[node_of(data, "DeRaDiffKSampler")[0]["id"]]
@@ -846,6 +1092,10 @@ def test_particle_mode_shows_the_ess_on_the_node(ui, server):
                            arg=" · " + sent, timeout=30_000)
     texts = [b["text"] for b in page.evaluate(INFO_BOX_JS)]
     assert any(t == before + " · " + sent for t in texts), (before, sent, texts)
+    shown = [b for b in page.evaluate(INFO_BOX_JS) if b["text"].endswith(sent)]
+    assert shown and shown[0]["visible"] and shown[0]["w"] > 50 and shown[0]["h"] > 5, shown
+    assert_layout(page, renderer, "with the ESS line")
+    screenshot(page, SHOTS / f"particles-{renderer}.png", frame=["DeRaDiffKSampler"])
     # back to one particle: the summary goes away after the next run
     page.evaluate(SET_WIDGET_JS, [sampler, "particles", 1])
     assert "deradiff_particles" not in run()
@@ -858,6 +1108,7 @@ def test_lambda_search_saved_before_particles_loads_with_its_defaults(ui, server
     """The same for λ Search, whose optional particles / resample_ess came after its summary box's
     value was first saved: an old workflow loads with particles = 1 and resample_ess = 0.5."""
     page, console = ui
+    use_renderer(page, "litegraph")
     console.mark()
     page.evaluate(CLOSE_ALERTS_JS, DIALOG)
     name = "deradiff_lambda_search"
@@ -865,8 +1116,8 @@ def test_lambda_search_saved_before_particles_loads_with_its_defaults(ui, server
     search = node_of(old, "DeRaDiffLambdaSearch")[0]
     optional = object_info["DeRaDiffLambdaSearch"]["input_order"].get("optional", [])
     later = optional[optional.index("particles"):]
-    assert search["widgets_values"][-1] == ""
-    kept = search["widgets_values"][:-1 - len(later)]
+    assert search["widgets_values"][-1] != ""
+    kept = search["widgets_values"][:-len(later)]
     search["widgets_values"] = kept + [""]
     search["inputs"] = [i for i in search["inputs"] if i["name"] not in later]
     def search_widgets():
@@ -883,4 +1134,135 @@ def test_lambda_search_saved_before_particles_loads_with_its_defaults(ui, server
     inputs = next(v["inputs"] for v in prompt.values() if v["class_type"] == "DeRaDiffLambdaSearch")
     assert inputs.get("particles", 1) == 1 and inputs.get("resample_ess", 0.5) == 0.5
     assert not prompt_problems(prompt, object_info)
+    assert console.errors() == [], console.errors()
+
+
+# The DOM boxes the pack adds (deradiff_info, deradiff_summary, deradiff_preview).
+DOM_BOXES = {"DeRaDiffKSampler": "deradiff_info", "DeRaDiffLambdaSchedule": "deradiff_preview",
+             "DeRaDiffLambdaSearch": "deradiff_summary"}
+
+
+@pytest.mark.parametrize("renderer", RENDERERS)
+def test_dom_boxes_are_not_saved_and_files_with_their_old_values_load(renderer, ui, server, object_info):
+    """Workflows saved before the DOM boxes were left out of widgets_values end in one "" per box; the
+    committed examples no longer do. Both load with the same widget values, show the boxes, and save
+    without the box values."""
+    page, console = ui
+    use_renderer(page, renderer)
+    console.mark()
+    page.evaluate(CLOSE_ALERTS_JS, DIALOG)
+    for name in ("deradiff_lambda_schedule", "deradiff_lambda_search"):
+        data = json.loads((EXAMPLES / f"{name}.json").read_text())
+        old = json.loads(json.dumps(data))
+        boxed = [n for n in old["nodes"] if n["type"] in DOM_BOXES]
+        assert boxed
+        for node in boxed:
+            assert node["widgets_values"][-1] != "", f"{name}: {node['type']} still saves its DOM box's value"
+            node["widgets_values"] = node["widgets_values"] + [""]
+        got = {}
+        for label, workflow in (("without", data), ("with", old)):
+            page.evaluate(DROP_JS, [f"{name}_{label}", json.dumps(workflow)])
+            wait_for_renderer(page, renderer)
+            state = page.evaluate(STATE_JS)
+            loaded = match_nodes(data["nodes"], state["nodes"])
+            saved = match_nodes(data["nodes"], state["saved"]["nodes"])
+            got[label] = {n["id"]: [(w["name"], w["value"]) for w in loaded[n["id"]]["widgets"]
+                                    if w["name"] not in DOM_BOXES.values()] for n in data["nodes"]}
+            for node in data["nodes"]:
+                if "widgets_values" in node:
+                    assert saved[node["id"]]["widgets_values"] == node["widgets_values"], (
+                        f"{name} ({label} the old values): {node['type']} saves {saved[node['id']]['widgets_values']}")
+            for node in boxed:
+                names = [w["name"] for w in loaded[node["id"]]["widgets"]]
+                assert DOM_BOXES[node["type"]] in names, (label, node["type"], names)
+            prompt = page.evaluate(PROMPT_JS)
+            assert not prompt_problems(prompt, object_info), (label, prompt_problems(prompt, object_info))
+            assert_no_alerts(page, f"when {name} ({label} the old values) was loaded")
+            assert_layout(page, renderer, f"when {name} ({label} the old values) was loaded")
+        assert got["with"] == got["without"], f"{name}: the trailing DOM values changed what loaded"
+    assert console.errors() == [], console.errors()
+
+
+# -- the subgraph blueprint ----------------------------------------------------------------
+
+# Connects a node's named output to another node's named input (LiteGraph's own connect).
+CONNECT_JS = r"""
+([links]) => {
+  const byId = (id) => app.graph.getNodeById(id);
+  for (const [src, out, dst, inp] of links) {
+    const a = byId(src), b = byId(dst);
+    const o = a.outputs.findIndex((x) => x.name === out), i = b.inputs.findIndex((x) => x.name === inp);
+    if (o < 0 || i < 0) throw new Error(`no slot for ${a.type}.${out} -> ${b.type}.${inp}`);
+    if (!a.connect(o, b, i)) throw new Error(`could not connect ${a.type}.${out} -> ${b.type}.${inp}`);
+  }
+  app.graph.setDirtyCanvas(true, true);
+}
+"""
+
+
+def test_sweep_grid_blueprint_is_offered_and_runs(ui, server):
+    """subgraphs/DeRaDiff λ Sweep Grid.json (made in the front end: python tests/browser_helpers.py --blueprint)
+    is served by ComfyUI as a blueprint of this pack, the node search offers it under Subgraph Blueprints, and,
+    added from there to a graph of the tiny family's pair, prompts and latent, it runs and saves a grid."""
+    from browser_helpers import BLUEPRINT_CATEGORY, BLUEPRINT_DIR, BLUEPRINT_NAME, workflow_spec, BUILD_JS
+    page, console = ui
+    blueprint = json.loads((BLUEPRINT_DIR / f"{BLUEPRINT_NAME}.json").read_text())
+    (definition,) = blueprint["definitions"]["subgraphs"]
+    assert [n["type"] for n in blueprint["nodes"]] == [definition["id"]], "a blueprint is one subgraph node"
+    assert sorted(n["type"] for n in definition["nodes"]) == ["DeRaDiffLambdaSweep", "DeRaDiffSweepGrid", "VAEDecode"]
+    listed = [v for v in server.get("/global_subgraphs").values() if v["name"] == BLUEPRINT_NAME]
+    assert listed and listed[0]["info"]["node_pack"] == f"custom_nodes.{PACK_DIR_NAME}", listed
+    if not tiny_family_present():
+        pytest.skip("the blueprint runs on the committed tiny family, and tiny_family/family.json is missing")
+    use_renderer(page, "litegraph")
+    console.mark()
+    page.evaluate(CLOSE_ALERTS_JS, DIALOG)
+    # the tiny family's graph without the group the blueprint replaces
+    spec = workflow_spec("deradiff_tiny_family")
+    group = {"sweep", "decode", "scale", "grid"}
+    spec["nodes"] = [n for n in spec["nodes"] if n["key"] not in group]
+    spec["links"] = [l for l in spec["links"] if l[0] not in group and l[2] not in group]
+    for n in spec["nodes"]:
+        if n["type"] == "EmptyLatentImage":
+            n["widgets"]["batch_size"] = 1  # one image per λ: a short run
+    page.evaluate(BUILD_JS, spec)
+    page.evaluate(FIT_VIEW_JS, 0.8)
+    ids = {t: page.evaluate("(t) => app.graph.nodes.filter((n) => n.type === t).map((n) => n.id)", t)
+           for t in ("DeRaDiffLoadAlignedPair", "CLIPTextEncode", "EmptyLatentImage", "SaveImage")}
+    before = set(page.evaluate("() => app.graph.nodes.map((n) => n.id)"))
+    # where users find blueprints: the node search (double click on the canvas), under Subgraph Blueprints
+    x, y = page.evaluate("() => app.canvasPosToClientPos([1000, 300])")
+    page.mouse.dblclick(x, y)
+    page.keyboard.type("λ Sweep Grid", delay=20)
+    option = page.locator("[role=option], li").filter(has_text=BLUEPRINT_NAME).filter(has_text="Subgraph Blueprints").first
+    option.wait_for(timeout=15_000)
+    assert BLUEPRINT_CATEGORY in option.inner_text(), option.inner_text()
+    option.click()
+    page.wait_for_function("(n) => app.graph.nodes.length === n", arg=len(before) + 1, timeout=15_000)
+    added = page.evaluate("(before) => { const n = app.graph.nodes.find((n) => !before.includes(n.id)); "
+                          "return {id: n.id, title: n.title, subgraph: !!n.subgraph, inputs: n.inputs.map((i) => i.name), "
+                          "outputs: n.outputs.map((o) => o.name)}; }", list(before))
+    assert added["subgraph"] and added["title"] == BLUEPRINT_NAME, added
+    assert {"pair", "positive", "negative", "latent_image", "vae"} <= set(added["inputs"]) and added["outputs"] == ["grid"], added
+    pair, (pos, neg), latent, save = (ids["DeRaDiffLoadAlignedPair"][0], ids["CLIPTextEncode"],
+                                      ids["EmptyLatentImage"][0], ids["SaveImage"][0])
+    # the positive prompt is the first CLIPTextEncode of the spec (its Note names it so)
+    bp = added["id"]
+    page.evaluate(CONNECT_JS, [[[pair, "pair", bp, "pair"], [pos, "CONDITIONING", bp, "positive"],
+                                [neg, "CONDITIONING", bp, "negative"], [latent, "LATENT", bp, "latent_image"],
+                                [pair, "VAE", bp, "vae"], [bp, "grid", save, "images"]]])
+    # a short run: 4 steps, set on the λ Sweep inside the subgraph (where a user edits the sweep's settings)
+    page.evaluate("(id) => { const s = app.graph.getNodeById(id).subgraph.nodes.find((n) => n.type === 'DeRaDiffLambdaSweep'); "
+                  "s.widgets.find((w) => w.name === 'steps').value = 4; }", bp)
+    forget_cached_outputs(server)
+    entry = run_in_browser(page, server)
+    assert entry["status"].get("status_str") == "success", json.dumps(entry["status"])[:2000]
+    images = [img for out in entry["outputs"].values() for img in out.get("images", []) if img.get("type") == "output"]
+    assert len(images) == 1, entry["outputs"]
+    w, h = Image.open(server.workdir / "output" / images[0]["subfolder"] / images[0]["filename"]).size
+    lambdas = [n for n in definition["nodes"] if n["type"] == "DeRaDiffLambdaSweep"][0]["widgets_values"][0].split(",")
+    assert (w // 32) * (h // 32) >= len(lambdas) and h % 32, ("a grid of a labelled 32×32 cell per λ", w, h, lambdas)
+    page.wait_for_function(IMAGES_SHOWN_JS, arg=[save, False], timeout=30_000)
+    screenshot(page, SHOTS / "blueprint-sweep-grid.png", crop_graph=True)
+    assert_no_alerts(page, "when the blueprint ran")
     assert console.errors() == [], console.errors()

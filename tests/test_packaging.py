@@ -33,7 +33,7 @@ PACK_DIR_NAME = "comfyui-deradiff"
 MUST_SHIP = ["__init__.py", "LICENSE", "README.md", "pyproject.toml", "requirements.txt", "js/deradiff.js",
              "locales/en/main.json",
              "nodes/__init__.py", "sampler/__init__.py"]
-MUST_SHIP_DIRS = ["nodes", "sampler", "js", "example_workflows"]
+MUST_SHIP_DIRS = ["nodes", "sampler", "js", "example_workflows", "subgraphs"]  # subgraphs/: the blueprint
 MUST_NOT_SHIP = ["tests/", "benchmarks/", "scripts/", ".ci/", "docs/", ".gitignore", "test-artifacts/", ".cache/",
                  ".venv/", "tiny_family/"]
 ARCHIVE_LIMIT = 3 * 1024 * 1024  # bytes, compressed: code, two README-sized texts, five thumbnails
