@@ -159,9 +159,13 @@ def test_saved_workflow_loads_in_front_end(node_id, front_end):
     saved = {n["id"]: n for n in state["saved"]["nodes"]}
     for node in data["nodes"]:
         # a node without widgets is saved with no widgets_values or an empty list: the same
-        assert (saved[node["id"]].get("widgets_values") or []) == (node.get("widgets_values") or []), (
-            f"{node_id}: {node['type']}'s widget values changed on load: "
-            f"{node.get('widgets_values')} -> {saved[node['id']].get('widgets_values')}")
+        before, after = node.get("widgets_values") or [], saved[node["id"]].get("widgets_values") or []
+        # V1 files end with the '' of the pack's display boxes (β/λ line, plot, summary), which are no
+        # longer saved: those, and only those, may be gone; every real widget keeps its value
+        dropped = before[len(after):]
+        assert after == before[:len(after)] and all(v == "" for v in dropped), (
+            f"{node_id}: {node['type']}'s widget values changed on load: {before} -> {after}")
+        assert not dropped or node["type"].startswith("DeRaDiff"), (node_id, node["type"], dropped)
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     stored = json.loads((FIXTURES / f"{node_id}.api.json").read_text())
     assert sorted(prompt) == sorted(stored), f"{node_id}: prompt nodes {sorted(prompt)} != stored {sorted(stored)}"
