@@ -214,7 +214,13 @@ class ParticleState:
     ``window``: (σ_low, σ_high); the weight integrand counts only at model calls whose σ lies
     inside (None: every step), so no weight and no resampling outside it.
     ``temper``: exponent on the weights (1 = the exact target; below 1 flattens them, a
-    bias/variance trade-off used only in the studies)."""
+    bias/variance trade-off used only in the studies).
+    ``split_at`` / ``select_below``: the cheaper schedule (benchmarks/aw_particles_cheap.py). The
+    log-weights' variance accrues at middle noise levels (about σ 6 → 0.3 on SD1.5's scale), so one
+    particle runs while σ > split_at and is cloned N ways at the first model call at or below it; at
+    the first model call below select_below one particle per image is drawn with the weights and the
+    rest of the run is plain DeRaDiff on it. inf / 0 (the defaults): N particles over the whole run.
+    Bias: the weights outside [select_below, split_at] are dropped."""
     particles: int
     seed: int
     resample_below: float = 0.5
@@ -222,8 +228,13 @@ class ParticleState:
     window: tuple | None = None
     temper: float = 1.0
     method: str = "systematic"
+    split_at: float = math.inf
+    select_below: float = 0.0
     logw: torch.Tensor | None = None
     record: list = field(default_factory=list)  # per weighted step: (sigma, mean ESS, min ESS, resampled)
+    passes: float = 0.0  # model evaluations per image over the run (both models on every particle row)
+    model_calls: int = 0
+    selected_at: float | None = None  # σ of the model call where one particle was drawn (select_below)
 
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(int(self.seed) % (2 ** 63))
@@ -236,6 +247,25 @@ class ParticleState:
         if self.resample_below <= 0:
             return 0.0
         return max(self.resample_below * self.particles, 1.0 + self.resample_below)
+
+    @property
+    def cheaper(self) -> bool:
+        """The split / select schedule is on (not the neutral inf / 0)."""
+        return self.particles > 1 and (self.split_at < math.inf or self.select_below > 0)
+
+    def count_passes(self, models: int, rows: int, images: int):
+        """One model call: ``models`` models (2, or 1 at λ = 0 or 1) on ``rows`` latents for ``images`` images."""
+        self.passes += models * rows / images
+        self.model_calls += 1
+
+    def passes_per_step(self) -> float:
+        return self.passes / self.model_calls if self.model_calls else 0.0
+
+    def select(self, batch_shape) -> torch.Tensor:
+        """Draw the one particle per image/site that the rest of the run continues (select_below)."""
+        choice = self.choose(batch_shape)
+        self.logw = None
+        return choice
 
     def in_window(self, sigma: float) -> bool:
         return self.window is None or self.window[0] <= sigma <= self.window[1]
@@ -259,12 +289,13 @@ class ParticleState:
         return draw_one(logw, self.generator)
 
     def summary(self) -> dict:
+        cost = {"passes_per_step": self.passes_per_step(), "selected_at": self.selected_at}
         if not self.record:
             return {"weighted_steps": 0, "resamples": 0, "min_ess": float(self.particles),
-                    "mean_ess": float(self.particles)}
+                    "mean_ess": float(self.particles), **cost}
         return {"weighted_steps": len(self.record), "resamples": sum(r[3] for r in self.record),
                 "min_ess": min(r[2] for r in self.record),
-                "mean_ess": sum(r[1] for r in self.record) / len(self.record)}
+                "mean_ess": sum(r[1] for r in self.record) / len(self.record), **cost}
 
     def summary_text(self) -> str:
         s = self.summary()
@@ -273,6 +304,11 @@ class ParticleState:
         collapsed = self.collapsed_steps()
         text = (f"{self.particles} particles: ESS min {s['min_ess']:.1f}, mean {s['mean_ess']:.1f} over "
                 f"{s['weighted_steps']} steps; resampled {s['resamples']}x")
+        if self.cheaper:
+            text += f"; particles from σ {self.split_at:g}" + (
+                f", one drawn at σ {self.selected_at:.3g}" if self.selected_at is not None else "")
+        if self.model_calls:
+            text += f"; {self.passes_per_step():.1f} model passes per step"
         if collapsed:
             text += (f"; weights COLLAPSED at {collapsed} of {s['weighted_steps']} steps (ESS < "
                      f"{COLLAPSE_ESS:.2f}: one particle held over {math.floor(100 * COLLAPSE_SHARE ** 2)} % of an "
