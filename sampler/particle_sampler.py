@@ -25,12 +25,14 @@ import comfy.samplers
 from comfy.k_diffusion import sampling as kds
 
 from .guider import DeRaDiffGuider
-from .particles import (ParticleState, gather_particles, gather_weights, interval_log_weight, pick,
+from .particles import (ParticleState, ddpm_gain, euler_ancestral_gain, gather_particles, gather_weights,
+                        interval_log_weight, pick,
                         squared_difference)
 
 log = logging.getLogger("DeRaDiff")
 
 STOCHASTIC = ("euler_ancestral", "ddpm")
+WEIGHT_RULES = ("trapezoid", "start")  # particles.ParticleState.weight_rule
 _FUNCTIONS = {"sample_euler_ancestral": "euler_ancestral", "sample_ddpm": "ddpm"}
 
 
@@ -139,7 +141,12 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
                                                                      extra_args.get("denoise_mask"))
             # the interval from the previous model call to this one, both ends known now (trapezoid
             # rule, particles.trapezoid_weights); weighted and resampled before this step is taken
-            inc = interval_log_weight(last_call[1], current, last_call[0], sigma) if last_call and weighting else None
+            if state.weight_rule == "start":  # the step about to be taken, |ΔD|² frozen at its start
+                gain = (euler_ancestral_gain(sigma, float(sigmas[i + 1]), eta, s_noise) if kernel == "euler_ancestral"
+                        else ddpm_gain(sigma, float(sigmas[i + 1])))
+                inc = -0.5 * gain * current if current is not None and gain > 0 else None
+            else:
+                inc = interval_log_weight(last_call[1], current, last_call[0], sigma) if last_call and weighting else None
             if inc is not None:
                 ancestors = state.update(inc, sigma)
                 if ancestors is not None:
@@ -210,7 +217,7 @@ class ParticleGuider(DeRaDiffGuider):
 
     def __init__(self, pair, lam, cfg, particles: int, resample_below: float = 0.5, node: str = "DeRaDiff KSampler",
                  full_pass_every: int = 1, site_dims: int = 0, window=None, temper: float = 1.0,
-                 split_at: float = float("inf"), select_below: float = 0.0):
+                 split_at: float = float("inf"), select_below: float = 0.0, weight_rule: str = "trapezoid"):
         if int(full_pass_every) != 1:
             raise ParticleModeError(node, "particles", "particles > 1 needs both models at every step "
                                     "(full_pass_every = 1): the weights are built from both predictions")
@@ -220,6 +227,9 @@ class ParticleGuider(DeRaDiffGuider):
         self.node = node
         self.site_dims, self.window, self.temper = site_dims, window, temper
         self.split_at, self.select_below = float(split_at), float(select_below)
+        if weight_rule not in WEIGHT_RULES:
+            raise ParticleModeError(node, "particles", f"weight rule '{weight_rule}' is not one of {', '.join(WEIGHT_RULES)}")
+        self.weight_rule = weight_rule
         self.state = None
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
@@ -235,7 +245,8 @@ class ParticleGuider(DeRaDiffGuider):
             raise ParticleModeError(self.node, "particles", "nested latents (several latent shapes) are not supported")
         b = latent_image.shape[0]
         self.state = ParticleState(n, int(seed or 0), self.resample_below, self.site_dims, self.window, self.temper,
-                                   split_at=self.split_at, select_below=self.select_below)
+                                   split_at=self.split_at, select_below=self.select_below,
+                                   weight_rule=self.weight_rule)
         psampler = particle_sampler(kernel, self.state, self.node, options, getattr(sampler, "inpaint_options", {}))
         inner_callback, last = callback, {}
         if callback is not None:  # previews while sampling: particle 0's rows
@@ -260,7 +271,8 @@ class ParticleGuider(DeRaDiffGuider):
 
 def particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                       denoise=1.0, particles=2, resample_below=0.5, node="DeRaDiff KSampler", callback=None,
-                      site_dims=0, window=None, temper=1.0, split_at=float("inf"), select_below=0.0):
+                      site_dims=0, window=None, temper=1.0, split_at=float("inf"), select_below=0.0,
+                      weight_rule="trapezoid"):
     """``realigned_ksampler`` with N particles per image; returns (LATENT, ParticleState)."""
     import comfy.sample
     import comfy.utils
@@ -273,7 +285,7 @@ def particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, posi
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     sigmas = ksampler_sigmas(reference, steps, sampler_name, scheduler, denoise)
     guider = ParticleGuider(pair, lam, cfg, particles, resample_below, node, site_dims=site_dims, window=window,
-                            temper=temper, split_at=split_at, select_below=select_below)
+                            temper=temper, split_at=split_at, select_below=select_below, weight_rule=weight_rule)
     guider.set_conds(positive, negative)
     callback = callback or latent_preview.prepare_callback(reference, steps)
     samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,

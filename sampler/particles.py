@@ -220,7 +220,10 @@ class ParticleState:
     particle runs while σ > split_at and is cloned N ways at the first model call at or below it; at
     the first model call below select_below one particle per image is drawn with the weights and the
     rest of the run is plain DeRaDiff on it. inf / 0 (the defaults): N particles over the whole run.
-    Bias: the weights outside [select_below, split_at] are dropped."""
+    Bias: the weights outside [select_below, split_at] are dropped.
+    ``weight_rule``: "trapezoid" (|ΔD|² linear in s between two model calls; the default) or "start" (|ΔD|²
+    frozen at the start of each step: the discrete Gaussian chains' own normaliser), see
+    benchmarks/aw_particles_weight_rules.py and aw_particles_cheap.py."""
     particles: int
     seed: int
     resample_below: float = 0.5
@@ -230,8 +233,9 @@ class ParticleState:
     method: str = "systematic"
     split_at: float = math.inf
     select_below: float = 0.0
+    weight_rule: str = "trapezoid"
     logw: torch.Tensor | None = None
-    record: list = field(default_factory=list)  # per weighted step: (sigma, mean ESS, min ESS, resampled)
+    record: list = field(default_factory=list)  # per weighted step: (σ, mean ESS, min ESS, resampled, increment var)
     passes: float = 0.0  # model evaluations per image over the run (both models on every particle row)
     model_calls: int = 0
     selected_at: float | None = None  # σ of the model call where one particle was drawn (select_below)
@@ -276,7 +280,8 @@ class ParticleState:
         self.logw = inc if self.logw is None else self.logw + inc
         e = ess(self.logw)
         resample = bool((e < self.resample_threshold).any()) and self.particles > 1
-        self.record.append((float(sigma), float(e.mean()), float(e.min()), resample))
+        spread = float(inc.var(0).mean()) if self.particles > 1 else 0.0  # where the weights' variance accrues
+        self.record.append((float(sigma), float(e.mean()), float(e.min()), resample, spread))
         if not resample:
             return None
         fn = systematic_resample if self.method == "systematic" else multinomial_resample

@@ -137,3 +137,30 @@ def test_cheap_benchmark_tiny_runs(tmp_path):
     assert row["today N=8"]["passes_per_step"] == pytest.approx(16.0)
     assert 2.0 <= row["N=8 until σ 1"]["passes_per_step"] < 16.0
     assert (tmp_path / "aw_particles_cheap.md").exists()
+
+
+def test_start_rule_weights_each_step_by_its_own_gain(ac, counted, monkeypatch):
+    """weight_rule="start": the increment of a step is -λ(1-λ)/2·gain(σ, σ')·|ΔD|² at its start (the discrete chains'
+    normaliser), checked against the particle state's input; the default trapezoid differs."""
+    from comfyui_deradiff.sampler import particles as pm
+    pair, _ = counted
+    seen = []
+    original = pm.ParticleState.update
+
+    def spy(self, inc, sigma):
+        seen.append((sigma, inc.clone()))
+        return original(self, inc, sigma)
+
+    monkeypatch.setattr(pm.ParticleState, "update", spy)
+    start, state = run(ac, pair, 4, steps=6, weight_rule="start")
+    sigmas = karras(6)
+    assert [s for s, _ in seen] == pytest.approx(sigmas[:5])  # every step with noise, weighted at its start
+    gain0 = pm.euler_ancestral_gain(sigmas[0], sigmas[1])
+    # at the first call all 4 particles' |ΔD|² is known from their common start: the increment is ≤ 0 at λ = 0.5
+    assert bool((seen[0][1] <= 0).all()) and gain0 > 0
+    seen.clear()
+    trapezoid, _ = run(ac, pair, 4, steps=6)
+    assert [s for s, _ in seen] == pytest.approx(sigmas[1:6])  # the trapezoid adds each interval at its end
+    assert not torch.equal(start, trapezoid)
+    with pytest.raises(ValueError, match="weight rule"):
+        run(ac, pair, 4, weight_rule="middle")
