@@ -64,6 +64,7 @@ class Rule:
     select_when_settled: float = 0.0  # f: 0 = never
     split_at: float = math.inf  # σ_s: one particle while σ > σ_s, cloned N ways at the first call at or below it
     resample_below: float | None = None  # None: the config's
+    proposal_lam: float | None = None  # f: propose with the mix at λ_p = 1 + f·(λ − 1), exact kernel-ratio weights
 
 
 RULES = (
@@ -80,6 +81,10 @@ RULES = (
     # λ > 1: more particles, resampling more often
     Rule("left N=64", 64, "left"), Rule("left N=32 rs 0.9", 32, "left", resample_below=0.9),
     Rule("today N=32 rs 0.9", 32, resample_below=0.9),
+    Rule("N=32 propose λ_p=(1+λ)/2", 32, "left", proposal_lam=0.5),
+    Rule("N=32 propose λ_p=1", 32, "left", proposal_lam=0.0),
+    Rule("N=32 propose λ_p=λ", 32, "left", proposal_lam=1.0),  # the check: the same as left N=32 in law
+    Rule("N=8 propose λ_p=1", 8, "left", proposal_lam=0.0),
 )
 
 
@@ -130,7 +135,7 @@ def chain(d_ref, d_al, lam, rule: Rule, points, sigmas, generator, resample_belo
         if weighted and n == 1 and n_full > 1 and sigma <= rule.split_at:  # clone: the copies part at this step's noise
             x, denoised, sq = (t.expand(n_full, *t.shape[1:]).clone() for t in (x, denoised, sq))
             n, logw = n_full, torch.zeros(n_full, points, dtype=F64)
-        elif weighted and n > 1 and scale != 0.0:
+        elif weighted and n > 1 and scale != 0.0 and rule.proposal_lam is None:
             if rule.weight_rule == "left":
                 gain = P.euler_ancestral_gain(sigma, sigma_next)
                 inc = scale * gain * sq if gain > 0 else None
@@ -160,6 +165,24 @@ def chain(d_ref, d_al, lam, rule: Rule, points, sigmas, generator, resample_belo
             n, weighted, logw = 1, False, torch.zeros(1, points, dtype=F64)
         previous = sq if n > 1 else None
         sigma_down, sigma_up = P.ancestral_step(sigma, sigma_next)
+        if rule.proposal_lam is not None and weighted and n > 1 and sigma_down > 0 and scale != 0.0:
+            # propose x' ~ N(μ_p, s²) with the mix at λ_p = 1 + f·(λ − 1) (f = proposal_lam; f < 1 is nearer the
+            # aligned model, less concentrated than DeRaDiff's mix at λ > 1); the target kernel is Z_λ·N(μ_λ, s²), so
+            # the increment is log Z_λ + log N(x'; μ_λ, s²) − log N(x'; μ_p, s²) = log Z_λ − |Δμ|²/(2s²) − ε·Δμ/s
+            # with Δμ = μ_p − μ_λ = c·(λ_p − λ)·(D_al − D_ref) (no resampling at the top for these rules)
+            lp = 1.0 + rule.proposal_lam * (lam - 1.0)
+            c, s_up = 1.0 - sigma_down / sigma, sigma_up
+            dmu = c * (lp - lam) * (da - dr)
+            eps = torch.randn(x.shape, generator=generator, dtype=F64)
+            x = x + (x - (denoised + (lp - lam) * (da - dr))) / sigma * (sigma_down - sigma) + s_up * eps
+            logw = logw + (scale * P.euler_ancestral_gain(sigma, sigma_next) * sq
+                           - (dmu * dmu).sum(-1) / (2 * s_up ** 2) - (eps * dmu).sum(-1) / s_up)
+            e = P.ess(logw)
+            if resample_below > 0 and bool((e < resample_below * n).any()):
+                idx = P.systematic_resample(logw, generator)
+                x = torch.take_along_dim(x, idx[..., None].expand_as(x), 0)
+                logw = torch.zeros_like(logw)
+            continue
         if sigma_down == 0:
             x = denoised
         else:

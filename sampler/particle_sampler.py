@@ -26,7 +26,7 @@ from comfy.k_diffusion import sampling as kds
 
 from .guider import DeRaDiffGuider
 from .particles import (ParticleState, ddpm_gain, euler_ancestral_gain, gather_particles, gather_weights,
-                        interval_log_weight, pick,
+                        interval_log_weight, pick, site_sum,
                         squared_difference)
 
 log = logging.getLogger("DeRaDiff")
@@ -141,7 +141,11 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
                                                                      extra_args.get("denoise_mask"))
             # the interval from the previous model call to this one, both ends known now (trapezoid
             # rule, particles.trapezoid_weights); weighted and resampled before this step is taken
-            if state.weight_rule == "start":  # the step about to be taken, |ΔD|² frozen at its start
+            propose = (state.proposal is not None and kernel == "euler_ancestral" and current is not None
+                       and float(sigma_down) > 0)
+            if propose:  # weighted after the step (the weight needs the step's noise), below
+                inc = None
+            elif state.weight_rule == "start" or state.proposal is not None:  # |ΔD|² frozen at the step start
                 gain = (euler_ancestral_gain(sigma, float(sigmas[i + 1]), eta, s_noise) if kernel == "euler_ancestral"
                         else ddpm_gain(sigma, float(sigmas[i + 1])))
                 inc = -0.5 * gain * current if current is not None and gain > 0 else None
@@ -167,7 +171,23 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
             if callback is not None:
                 callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
             step_noise = noise_for(x.shape[0], phase)
-            if kernel == "euler_ancestral":  # ComfyUI's sample_euler_ancestral step
+            if propose:
+                # propose from the mix at λ_p = 1 + f·(λ − 1) (particles.ParticleState.proposal); the target kernel
+                # is Z_λ·N(μ_λ, s²), so the weight is log Z_λ − |Δμ|²/(2s²) − ε·Δμ/s with Δμ = μ_p − μ_λ
+                lam_p = 1.0 + state.proposal * (lam - 1.0)
+                diff = d_al - d_ref
+                d_prop = denoised + (lam_p - lam) * diff
+                noise = step_noise(sigmas[i], sigmas[i + 1]) * s_noise
+                x = x + kds.to_d(x, sigmas[i], d_prop) * (sigma_down - sigmas[i]) + noise * sigma_up
+                s_up = float(sigma_up)
+                dmu = (1.0 - float(sigma_down) / sigma) * (lam_p - lam) * diff
+                gain = euler_ancestral_gain(sigma, float(sigmas[i + 1]), eta, s_noise)
+                inc = (-0.5 * gain * current - site_sum(dmu * dmu, n, site_dims) / (2.0 * s_up ** 2)
+                       - site_sum(noise * dmu, n, site_dims) / s_up)
+                ancestors = state.update(inc, sigma)
+                if ancestors is not None:
+                    x = gather_particles(x, ancestors, site_dims)
+            elif kernel == "euler_ancestral":  # ComfyUI's sample_euler_ancestral step
                 if sigma_down == 0:
                     x = denoised
                 else:
@@ -217,7 +237,8 @@ class ParticleGuider(DeRaDiffGuider):
 
     def __init__(self, pair, lam, cfg, particles: int, resample_below: float = 0.5, node: str = "DeRaDiff KSampler",
                  full_pass_every: int = 1, site_dims: int = 0, window=None, temper: float = 1.0,
-                 split_at: float = float("inf"), select_below: float = 0.0, weight_rule: str = "trapezoid"):
+                 split_at: float = float("inf"), select_below: float = 0.0, weight_rule: str = "trapezoid",
+                 proposal=None):
         if int(full_pass_every) != 1:
             raise ParticleModeError(node, "particles", "particles > 1 needs both models at every step "
                                     "(full_pass_every = 1): the weights are built from both predictions")
@@ -229,7 +250,7 @@ class ParticleGuider(DeRaDiffGuider):
         self.split_at, self.select_below = float(split_at), float(select_below)
         if weight_rule not in WEIGHT_RULES:
             raise ParticleModeError(node, "particles", f"weight rule '{weight_rule}' is not one of {', '.join(WEIGHT_RULES)}")
-        self.weight_rule = weight_rule
+        self.weight_rule, self.proposal = weight_rule, (None if proposal is None else float(proposal))
         self.state = None
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
@@ -246,7 +267,7 @@ class ParticleGuider(DeRaDiffGuider):
         b = latent_image.shape[0]
         self.state = ParticleState(n, int(seed or 0), self.resample_below, self.site_dims, self.window, self.temper,
                                    split_at=self.split_at, select_below=self.select_below,
-                                   weight_rule=self.weight_rule)
+                                   weight_rule=self.weight_rule, proposal=self.proposal)
         psampler = particle_sampler(kernel, self.state, self.node, options, getattr(sampler, "inpaint_options", {}))
         inner_callback, last = callback, {}
         if callback is not None:  # previews while sampling: particle 0's rows
@@ -272,7 +293,7 @@ class ParticleGuider(DeRaDiffGuider):
 def particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                       denoise=1.0, particles=2, resample_below=0.5, node="DeRaDiff KSampler", callback=None,
                       site_dims=0, window=None, temper=1.0, split_at=float("inf"), select_below=0.0,
-                      weight_rule="trapezoid"):
+                      weight_rule="trapezoid", proposal=None):
     """``realigned_ksampler`` with N particles per image; returns (LATENT, ParticleState)."""
     import comfy.sample
     import comfy.utils
@@ -285,7 +306,8 @@ def particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, posi
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     sigmas = ksampler_sigmas(reference, steps, sampler_name, scheduler, denoise)
     guider = ParticleGuider(pair, lam, cfg, particles, resample_below, node, site_dims=site_dims, window=window,
-                            temper=temper, split_at=split_at, select_below=select_below, weight_rule=weight_rule)
+                            temper=temper, split_at=split_at, select_below=select_below, weight_rule=weight_rule,
+                            proposal=proposal)
     guider.set_conds(positive, negative)
     callback = callback or latent_preview.prepare_callback(reference, steps)
     samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,

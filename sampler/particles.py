@@ -91,6 +91,14 @@ def squared_difference(d_ref: torch.Tensor, d_al: torch.Tensor, particles: int, 
     return sq.cpu()  # the weights live on the CPU, next to the seeded resampling generator
 
 
+def site_sum(t: torch.Tensor, particles: int, site_dims: int = 0) -> torch.Tensor:
+    """t [N·B, C, ...] summed per particle and site, shape [N, B, *sites], float64 on the CPU."""
+    t = t.to(torch.float64)
+    t = t.reshape(particles, t.shape[0] // particles, *t.shape[1:])
+    keep = t.dim() - site_dims
+    return (t.sum(dim=tuple(range(2, keep))) if keep > 2 else t).cpu()
+
+
 def log_normaliser(d_ref: torch.Tensor, d_al: torch.Tensor, lam: float, gain: float,
                    particles: int, site_dims: int = 0, mask=None) -> torch.Tensor:
     """log Z_t per particle and site, shape [N, B, *sites]: -λ(1-λ)·gain·|D_ref - D_al|²/2."""
@@ -223,7 +231,11 @@ class ParticleState:
     Bias: the weights outside [select_below, split_at] are dropped.
     ``weight_rule``: "trapezoid" (|ΔD|² linear in s between two model calls; the default) or "start" (|ΔD|²
     frozen at the start of each step: the discrete Gaussian chains' own normaliser), see
-    benchmarks/aw_particles_weight_rules.py and aw_particles_cheap.py."""
+    benchmarks/aw_particles_weight_rules.py and aw_particles_cheap.py.
+    ``proposal`` = f (euler_ancestral only): the particles step with the mix at λ_p = 1 + f·(λ − 1) instead of
+    λ, and each step is weighted by the exact ratio of the target kernel Z_λ·N(μ_λ, s²) to the proposal's
+    N(μ_p, s²) (per-step, like "start"). f < 1 at λ > 1 proposes from a less concentrated mix, which reaches
+    the low-reward modes the target puts weight back on. None: propose at λ (today)."""
     particles: int
     seed: int
     resample_below: float = 0.5
@@ -234,6 +246,7 @@ class ParticleState:
     split_at: float = math.inf
     select_below: float = 0.0
     weight_rule: str = "trapezoid"
+    proposal: float | None = None
     logw: torch.Tensor | None = None
     record: list = field(default_factory=list)  # per weighted step: (σ, mean ESS, min ESS, resampled, increment var)
     passes: float = 0.0  # model evaluations per image over the run (both models on every particle row)

@@ -164,3 +164,25 @@ def test_start_rule_weights_each_step_by_its_own_gain(ac, counted, monkeypatch):
     assert not torch.equal(start, trapezoid)
     with pytest.raises(ValueError, match="weight rule"):
         run(ac, pair, 4, weight_rule="middle")
+
+
+def test_proposal_at_lambda_itself_is_the_start_rule(ac, counted):
+    """proposal f: step with the mix at λ_p = 1 + f·(λ − 1), weight by the exact kernel ratio. At f = 1 (λ_p = λ)
+    the ratio terms vanish and, without resampling (which the two rules time differently), the run is the
+    start rule's bit for bit; f = 0.5 at λ = 2 proposes from another mix and changes the result."""
+    from comfyui_deradiff.sampler.particle_sampler import particle_ksampler
+    pair, _ = counted
+    cond = ac.conditioning()
+    latent = ac.empty_latent(H * H, batch=2)
+
+    def go(**kw):
+        out, state = particle_ksampler(pair, 2.0, 5, 10, 1.0, "euler_ancestral", "karras", cond, cond, latent, 1.0, 4,
+                                       resample_below=0.0, **kw)
+        return out["samples"], state
+
+    start, s0 = go(weight_rule="start")
+    same, s1 = go(proposal=1.0)
+    assert torch.equal(start, same)
+    assert torch.equal(s0.logw, s1.logw)
+    other, s2 = go(proposal=0.5)
+    assert not torch.equal(start, other) and s2.summary()["weighted_steps"] == s0.summary()["weighted_steps"]
