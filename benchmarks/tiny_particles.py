@@ -2,6 +2,7 @@
 
     nice -n 10 python benchmarks/tiny_particles.py          # results/tiny_particles.{md,json} (~15 min, 2 CPU cores)
     python benchmarks/tiny_particles.py --tiny --out /tmp/tp  # one prompt, 2 seeds, 3 steps (seconds)
+    nice -n 10 python benchmarks/tiny_particles.py --proposal-study --name tiny_particles_proposal  # λ = 2 only
 
 Models: the family's reference checkpoint; aligned = reference + the anchor's Diffusion-DPO LoRA (β 1000,
 LoraLoaderModelOnly, strength 1), paired by DeRaDiff Make Aligned Model Pair; *from scratch* at β/λ = the
@@ -41,7 +42,7 @@ RESULTS = REPO / "benchmarks" / "results"
 class Config:
     anchor: float = 1000.0
     lambdas: tuple = (0.5, 2.0)
-    # (label, N, split_at, select_below)
+    # (label, N, split_at, select_below[, proposal f])
     rules: tuple = (("today N=4", 4, math.inf, 0.0), ("today N=8", 8, math.inf, 0.0),
                     ("today N=16", 16, math.inf, 0.0), ("N=8 until σ 1", 8, math.inf, 1.0),
                     ("N=4 until σ 0.5", 4, math.inf, 0.5))
@@ -108,12 +109,12 @@ def run(cfg: Config, log=print) -> dict:
             out += rewards(res["result"][0]["samples"])
         return {"rewards": out, "seconds": time.perf_counter() - t, "passes_per_step": 2.0}
 
-    def particles(lam, n, split_at, select_below):
+    def particles(lam, n, split_at, select_below, proposal=None):
         out, t, records, passes, resamples = [], time.perf_counter(), [], [], 0
         for p, cond in enumerate(conds):
             lat, state = ps.particle_ksampler(pair, lam, 1000 + p, cfg.steps, cfg.cfg, cfg.sampler, cfg.scheduler,
                                               cond, negative, latent, 1.0, n, cfg.resample_below,
-                                              split_at=split_at, select_below=select_below)
+                                              split_at=split_at, select_below=select_below, proposal=proposal)
             out += rewards(lat["samples"])
             records.append(state.record)
             passes.append(state.passes_per_step())
@@ -133,8 +134,8 @@ def run(cfg: Config, log=print) -> dict:
     for lam in cfg.lambdas:
         target = cfg.anchor / lam
         row = {"lam": lam, "target_beta": target, "scratch": scratch(target), "plain": plain(lam)}
-        for label, n, split_at, select_below in cfg.rules:
-            row[label] = particles(lam, n, split_at, select_below)
+        for label, n, split_at, select_below, *proposal in cfg.rules:
+            row[label] = particles(lam, n, split_at, select_below, *proposal)
             log(f"λ={lam:g} {label}: {row[label]['seconds']:.0f} s")
         sm, sse = mean_se(row["scratch"]["rewards"])
         row["scratch"].update(mean=sm, se=sse)
@@ -183,8 +184,14 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int)
     ap.add_argument("--seeds", type=int)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default="tiny_particles")
+    ap.add_argument("--proposal-study", action="store_true",
+                    help="λ = 2 only: today's N = 8 against the proposal rule with N = 8 (f = 0, λ_p = 1)")
     args = ap.parse_args(argv)
     cfg = TINY if args.tiny else Config()
+    if args.proposal_study:
+        cfg = replace(cfg, lambdas=(2.0,), rules=(("today N=8", 8, math.inf, 0.0),
+                                                  ("N=8 proposal λ_p=1", 8, math.inf, 0.0, 0.0)))
     if args.lambdas:
         cfg = replace(cfg, lambdas=tuple(args.lambdas))
     for key in ("prompts", "seeds"):
@@ -195,8 +202,8 @@ def main(argv=None):
     text = render(res, command.strip())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tiny_particles.md").write_text(text)
-    (out / "tiny_particles.json").write_text(json.dumps(res, indent=1))
+    (out / f"{args.name}.md").write_text(text)
+    (out / f"{args.name}.json").write_text(json.dumps(res, indent=1))
     print(text)
     return res
 
