@@ -185,10 +185,14 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="tiny_particles")
+    ap.add_argument("--quick", action="store_true", help="λ = 2, 1 prompt × 2 seeds: ESS and passes only")
     ap.add_argument("--proposal-study", action="store_true",
                     help="λ = 2 only: today's N = 8 against the proposal rule with N = 8 (f = 0, λ_p = 1)")
     args = ap.parse_args(argv)
     cfg = TINY if args.tiny else Config()
+    if args.quick:  # the ESS over the steps on the real model, 2 images per rule (its reward errors are noise)
+        cfg = replace(cfg, lambdas=(2.0,), prompts=1, seeds=2, rules=(
+            ("today N=4", 4, math.inf, 0.0), ("today N=8", 8, math.inf, 0.0), ("N=4 until σ 0.5", 4, math.inf, 0.5)))
     if args.proposal_study:
         cfg = replace(cfg, lambdas=(2.0,), rules=(("today N=8", 8, math.inf, 0.0),
                                                   ("N=8 proposal λ_p=1", 8, math.inf, 0.0, 0.0)))
