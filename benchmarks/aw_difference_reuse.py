@@ -75,6 +75,10 @@ def world(name: str):
         return aw.ring(8, 1.3, (0.15, 0.2)), torch.tensor([math.cos(a), math.sin(a)], dtype=aw.F64)
     if name == "hard":
         return aw.ring(8, 4.0, (0.3,)), torch.tensor([1.0, 0.5], dtype=aw.F64)
+    if name == "hex":  # a second hard world: 6 separated modes of two widths, another radius and reward
+        a = math.radians(110.0)
+        return (aw.ring(6, 2.5, (0.25, 0.4), phase=0.3),
+                1.4 * torch.tensor([math.cos(a), math.sin(a)], dtype=aw.F64))
     raise ValueError(name)
 
 

@@ -25,12 +25,14 @@ import comfy.samplers
 from comfy.k_diffusion import sampling as kds
 
 from .guider import DeRaDiffGuider
-from .particles import (ParticleState, gather_particles, gather_weights, interval_log_weight, pick,
+from .particles import (ParticleState, ddpm_gain, euler_ancestral_gain, gather_particles, gather_weights,
+                        interval_log_weight, pick, site_sum,
                         squared_difference)
 
 log = logging.getLogger("DeRaDiff")
 
 STOCHASTIC = ("euler_ancestral", "ddpm")
+WEIGHT_RULES = ("trapezoid", "start")  # particles.ParticleState.weight_rule
 _FUNCTIONS = {"sample_euler_ancestral": "euler_ancestral", "sample_ddpm": "ddpm"}
 
 
@@ -93,22 +95,45 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
                                 "SDXL); flow-matching models use another ancestral step, not implemented")
     seed = extra_args.get("seed", None)
     noise_sampler = kds.default_noise_sampler(x, seed=seed) if noise_sampler is None else noise_sampler
+    n, site_dims = state.particles, state.site_dims
+    images = x.shape[0] // n
+    # the cheaper schedule changes the batch between N·B and B rows; ComfyUI's inpainting wrapper holds
+    # N·B rows of its own, so with a denoise mask the particles run the whole schedule (today's rule)
+    cheaper = state.cheaper and extra_args.get("denoise_mask") is None
+    if state.cheaper and not cheaper:
+        log.info("DeRaDiff particles: a denoise mask is set; running the particles over the whole schedule")
+    full_rows = x.shape[0]
+    # phases: 1 = one particle before the split, 2 = N particles, 3 = one particle after the draw
+    phase = 2
+    if cheaper and float(sigmas[0]) > state.split_at:
+        x, phase = x[:images], 1  # particle 0 until the split: plain DeRaDiff's start noise and noise stream
+    noise_samplers = {2: noise_sampler} if phase == 2 else {}
+
+    def noise_for(rows, phase):
+        if phase not in noise_samplers:  # phase 1: the seed's own stream; 2 and 3 after a split: seed + phase
+            template = x.new_empty((rows, *x.shape[1:]))
+            offset = 0 if phase == 1 or seed is None else phase
+            noise_samplers[phase] = kds.default_noise_sampler(template, seed=None if seed is None else seed + offset)
+        return noise_samplers[phase]
+
     s_in = x.new_ones([x.shape[0]])
     seen = []
     previous_observer = guider.prediction_observer
     guider.prediction_observer = lambda _x, _sigma, d_ref, d_al, lam: seen.append((d_ref, d_al, lam))
-    n, site_dims = state.particles, state.site_dims
     last_call = None  # (σ, integrand λ(1-λ)|ΔD|² per particle/site or None) at the previous model call
     try:
         for i in kds.trange(len(sigmas) - 1, disable=disable):
             comfy.model_management.throw_exception_if_processing_interrupted()
             seen.clear()
+            s_in = x.new_ones([x.shape[0]])
             denoised = model(x, sigmas[i] * s_in, **extra_args)
+            state.count_passes(2 if seen else 1, x.shape[0], images)
             sigma = float(sigmas[i])
             if kernel == "euler_ancestral":
                 sigma_down, sigma_up = kds.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
             current = None
-            if seen and state.in_window(sigma):
+            weighting = x.shape[0] == full_rows
+            if weighting and seen and state.in_window(sigma):
                 d_ref, d_al, lam = seen[-1]
                 lam = _scalar(lam)
                 if lam * (1.0 - lam) != 0.0:
@@ -116,26 +141,62 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
                                                                      extra_args.get("denoise_mask"))
             # the interval from the previous model call to this one, both ends known now (trapezoid
             # rule, particles.trapezoid_weights); weighted and resampled before this step is taken
-            inc = interval_log_weight(last_call[1], current, last_call[0], sigma) if last_call else None
+            propose = (state.proposal is not None and kernel == "euler_ancestral" and current is not None
+                       and float(sigma_down) > 0)
+            if propose:  # weighted after the step (the weight needs the step's noise), below
+                inc = None
+            elif state.weight_rule == "start" or state.proposal is not None:  # |ΔD|² frozen at the step start
+                gain = (euler_ancestral_gain(sigma, float(sigmas[i + 1]), eta, s_noise) if kernel == "euler_ancestral"
+                        else ddpm_gain(sigma, float(sigmas[i + 1])))
+                inc = -0.5 * gain * current if current is not None and gain > 0 else None
+            else:
+                inc = interval_log_weight(last_call[1], current, last_call[0], sigma) if last_call and weighting else None
             if inc is not None:
                 ancestors = state.update(inc, sigma)
                 if ancestors is not None:
                     x = gather_particles(x, ancestors, site_dims)
                     denoised = gather_particles(denoised, ancestors, site_dims)
                     current = None if current is None else gather_weights(current, ancestors)
+            if cheaper and phase == 1 and sigma <= state.split_at:
+                # clone the one particle N ways; the copies part at this step's noise (their weights agree
+                # up to here, so the first weighted interval starts at this call)
+                x, denoised = x.repeat(n, *([1] * (x.dim() - 1))), denoised.repeat(n, *([1] * (x.dim() - 1)))
+                phase, current = 2, None
+            elif cheaper and phase == 2 and state.select_below > 0 and sigma < state.select_below:
+                sites = tuple(x.shape[x.dim() - site_dims:]) if site_dims else ()
+                choice = state.select((images, *sites))
+                x, denoised = pick(x, choice, n, site_dims), pick(denoised, choice, n, site_dims)
+                state.selected_at, phase, current = sigma, 3, None
             last_call = (sigma, current)
             if callback is not None:
                 callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
-            if kernel == "euler_ancestral":  # ComfyUI's sample_euler_ancestral step
+            step_noise = noise_for(x.shape[0], phase)
+            if propose:
+                # propose from the mix at λ_p = 1 + f·(λ − 1) (particles.ParticleState.proposal); the target kernel
+                # is Z_λ·N(μ_λ, s²), so the weight is log Z_λ − |Δμ|²/(2s²) − ε·Δμ/s with Δμ = μ_p − μ_λ
+                lam_p = 1.0 + state.proposal * (lam - 1.0)
+                diff = d_al - d_ref
+                d_prop = denoised + (lam_p - lam) * diff
+                noise = step_noise(sigmas[i], sigmas[i + 1]) * s_noise
+                x = x + kds.to_d(x, sigmas[i], d_prop) * (sigma_down - sigmas[i]) + noise * sigma_up
+                s_up = float(sigma_up)
+                dmu = (1.0 - float(sigma_down) / sigma) * (lam_p - lam) * diff
+                gain = euler_ancestral_gain(sigma, float(sigmas[i + 1]), eta, s_noise)
+                inc = (-0.5 * gain * current - site_sum(dmu * dmu, n, site_dims) / (2.0 * s_up ** 2)
+                       - site_sum(noise * dmu, n, site_dims) / s_up)
+                ancestors = state.update(inc, sigma)
+                if ancestors is not None:
+                    x = gather_particles(x, ancestors, site_dims)
+            elif kernel == "euler_ancestral":  # ComfyUI's sample_euler_ancestral step
                 if sigma_down == 0:
                     x = denoised
                 else:
                     d = kds.to_d(x, sigmas[i], denoised)
                     dt = sigma_down - sigmas[i]
-                    x = x + d * dt + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+                    x = x + d * dt + step_noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
             else:  # ComfyUI's generic_step_sampler with DDPMSampler_step
                 x = kds.DDPMSampler_step(x / torch.sqrt(1.0 + sigmas[i] ** 2.0), sigmas[i], sigmas[i + 1],
-                                         (x - denoised) / sigmas[i], noise_sampler)
+                                         (x - denoised) / sigmas[i], step_noise)
                 if sigmas[i + 1] != 0:
                     x *= torch.sqrt(1.0 + sigmas[i + 1] ** 2.0)
     finally:
@@ -175,7 +236,9 @@ class ParticleGuider(DeRaDiffGuider):
     """DeRaDiffGuider running N particles per image (see the module docstring)."""
 
     def __init__(self, pair, lam, cfg, particles: int, resample_below: float = 0.5, node: str = "DeRaDiff KSampler",
-                 full_pass_every: int = 1, site_dims: int = 0, window=None, temper: float = 1.0):
+                 full_pass_every: int = 1, site_dims: int = 0, window=None, temper: float = 1.0,
+                 split_at: float = float("inf"), select_below: float = 0.0, weight_rule: str = "trapezoid",
+                 proposal=None):
         if int(full_pass_every) != 1:
             raise ParticleModeError(node, "particles", "particles > 1 needs both models at every step "
                                     "(full_pass_every = 1): the weights are built from both predictions")
@@ -184,6 +247,10 @@ class ParticleGuider(DeRaDiffGuider):
         self.resample_below = float(resample_below)
         self.node = node
         self.site_dims, self.window, self.temper = site_dims, window, temper
+        self.split_at, self.select_below = float(split_at), float(select_below)
+        if weight_rule not in WEIGHT_RULES:
+            raise ParticleModeError(node, "particles", f"weight rule '{weight_rule}' is not one of {', '.join(WEIGHT_RULES)}")
+        self.weight_rule, self.proposal = weight_rule, (None if proposal is None else float(proposal))
         self.state = None
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
@@ -198,7 +265,9 @@ class ParticleGuider(DeRaDiffGuider):
         if getattr(latent_image, "is_nested", False):
             raise ParticleModeError(self.node, "particles", "nested latents (several latent shapes) are not supported")
         b = latent_image.shape[0]
-        self.state = ParticleState(n, int(seed or 0), self.resample_below, self.site_dims, self.window, self.temper)
+        self.state = ParticleState(n, int(seed or 0), self.resample_below, self.site_dims, self.window, self.temper,
+                                   split_at=self.split_at, select_below=self.select_below,
+                                   weight_rule=self.weight_rule, proposal=self.proposal)
         psampler = particle_sampler(kernel, self.state, self.node, options, getattr(sampler, "inpaint_options", {}))
         inner_callback, last = callback, {}
         if callback is not None:  # previews while sampling: particle 0's rows
@@ -207,9 +276,13 @@ class ParticleGuider(DeRaDiffGuider):
                 return inner_callback(step, x0[:b], x[:b], total)
         out = super().sample(expand_noise(noise, n, seed), _repeat(latent_image, n, b), psampler, sigmas,
                              _repeat(denoise_mask, n, b), callback, disable_pbar, seed, *args, **kwargs)
+        log.info("DeRaDiff particles (%s): %s", kernel, self.state.summary_text())
+        if out.shape[0] == b:  # one particle per image already (drawn at select_below, or never split)
+            if last:
+                inner_callback(last["step"], last["x0"][:b], last["x"][:b], last["total"])
+            return out
         sites = tuple(out.shape[out.dim() - self.site_dims:]) if self.site_dims else ()
         choice = self.state.choose((b, *sites))
-        log.info("DeRaDiff particles (%s): %s", kernel, self.state.summary_text())
         if last:  # the last step once more with the particle returned: the final preview and
             # SamplerCustomAdvanced's denoised_output (the x0 its callback saw last) are that particle's
             inner_callback(last["step"], pick(last["x0"], choice, n, self.site_dims),
@@ -219,7 +292,8 @@ class ParticleGuider(DeRaDiffGuider):
 
 def particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                       denoise=1.0, particles=2, resample_below=0.5, node="DeRaDiff KSampler", callback=None,
-                      site_dims=0, window=None, temper=1.0):
+                      site_dims=0, window=None, temper=1.0, split_at=float("inf"), select_below=0.0,
+                      weight_rule="trapezoid", proposal=None):
     """``realigned_ksampler`` with N particles per image; returns (LATENT, ParticleState)."""
     import comfy.sample
     import comfy.utils
@@ -232,7 +306,8 @@ def particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, posi
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     sigmas = ksampler_sigmas(reference, steps, sampler_name, scheduler, denoise)
     guider = ParticleGuider(pair, lam, cfg, particles, resample_below, node, site_dims=site_dims, window=window,
-                            temper=temper)
+                            temper=temper, split_at=split_at, select_below=select_below, weight_rule=weight_rule,
+                            proposal=proposal)
     guider.set_conds(positive, negative)
     callback = callback or latent_preview.prepare_callback(reference, steps)
     samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,

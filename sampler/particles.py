@@ -91,6 +91,14 @@ def squared_difference(d_ref: torch.Tensor, d_al: torch.Tensor, particles: int, 
     return sq.cpu()  # the weights live on the CPU, next to the seeded resampling generator
 
 
+def site_sum(t: torch.Tensor, particles: int, site_dims: int = 0) -> torch.Tensor:
+    """t [N·B, C, ...] summed per particle and site, shape [N, B, *sites], float64 on the CPU."""
+    t = t.to(torch.float64)
+    t = t.reshape(particles, t.shape[0] // particles, *t.shape[1:])
+    keep = t.dim() - site_dims
+    return (t.sum(dim=tuple(range(2, keep))) if keep > 2 else t).cpu()
+
+
 def log_normaliser(d_ref: torch.Tensor, d_al: torch.Tensor, lam: float, gain: float,
                    particles: int, site_dims: int = 0, mask=None) -> torch.Tensor:
     """log Z_t per particle and site, shape [N, B, *sites]: -λ(1-λ)·gain·|D_ref - D_al|²/2."""
@@ -214,7 +222,20 @@ class ParticleState:
     ``window``: (σ_low, σ_high); the weight integrand counts only at model calls whose σ lies
     inside (None: every step), so no weight and no resampling outside it.
     ``temper``: exponent on the weights (1 = the exact target; below 1 flattens them, a
-    bias/variance trade-off used only in the studies)."""
+    bias/variance trade-off used only in the studies).
+    ``split_at`` / ``select_below``: the cheaper schedule (benchmarks/aw_particles_cheap.py). The
+    log-weights' variance accrues at middle noise levels (about σ 6 → 0.3 on SD1.5's scale), so one
+    particle runs while σ > split_at and is cloned N ways at the first model call at or below it; at
+    the first model call below select_below one particle per image is drawn with the weights and the
+    rest of the run is plain DeRaDiff on it. inf / 0 (the defaults): N particles over the whole run.
+    Bias: the weights outside [select_below, split_at] are dropped.
+    ``weight_rule``: "trapezoid" (|ΔD|² linear in s between two model calls; the default) or "start" (|ΔD|²
+    frozen at the start of each step: the discrete Gaussian chains' own normaliser), see
+    benchmarks/aw_particles_weight_rules.py and aw_particles_cheap.py.
+    ``proposal`` = f (euler_ancestral only): the particles step with the mix at λ_p = 1 + f·(λ − 1) instead of
+    λ, and each step is weighted by the exact ratio of the target kernel Z_λ·N(μ_λ, s²) to the proposal's
+    N(μ_p, s²) (per-step, like "start"). f < 1 at λ > 1 proposes from a less concentrated mix, which reaches
+    the low-reward modes the target puts weight back on. None: propose at λ (today)."""
     particles: int
     seed: int
     resample_below: float = 0.5
@@ -222,8 +243,15 @@ class ParticleState:
     window: tuple | None = None
     temper: float = 1.0
     method: str = "systematic"
+    split_at: float = math.inf
+    select_below: float = 0.0
+    weight_rule: str = "trapezoid"
+    proposal: float | None = None
     logw: torch.Tensor | None = None
-    record: list = field(default_factory=list)  # per weighted step: (sigma, mean ESS, min ESS, resampled)
+    record: list = field(default_factory=list)  # per weighted step: (σ, mean ESS, min ESS, resampled, increment var)
+    passes: float = 0.0  # model evaluations per image over the run (both models on every particle row)
+    model_calls: int = 0
+    selected_at: float | None = None  # σ of the model call where one particle was drawn (select_below)
 
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(int(self.seed) % (2 ** 63))
@@ -237,6 +265,25 @@ class ParticleState:
             return 0.0
         return max(self.resample_below * self.particles, 1.0 + self.resample_below)
 
+    @property
+    def cheaper(self) -> bool:
+        """The split / select schedule is on (not the neutral inf / 0)."""
+        return self.particles > 1 and (self.split_at < math.inf or self.select_below > 0)
+
+    def count_passes(self, models: int, rows: int, images: int):
+        """One model call: ``models`` models (2, or 1 at λ = 0 or 1) on ``rows`` latents for ``images`` images."""
+        self.passes += models * rows / images
+        self.model_calls += 1
+
+    def passes_per_step(self) -> float:
+        return self.passes / self.model_calls if self.model_calls else 0.0
+
+    def select(self, batch_shape) -> torch.Tensor:
+        """Draw the one particle per image/site that the rest of the run continues (select_below)."""
+        choice = self.choose(batch_shape)
+        self.logw = None
+        return choice
+
     def in_window(self, sigma: float) -> bool:
         return self.window is None or self.window[0] <= sigma <= self.window[1]
 
@@ -246,7 +293,8 @@ class ParticleState:
         self.logw = inc if self.logw is None else self.logw + inc
         e = ess(self.logw)
         resample = bool((e < self.resample_threshold).any()) and self.particles > 1
-        self.record.append((float(sigma), float(e.mean()), float(e.min()), resample))
+        spread = float(inc.var(0).mean()) if self.particles > 1 else 0.0  # where the weights' variance accrues
+        self.record.append((float(sigma), float(e.mean()), float(e.min()), resample, spread))
         if not resample:
             return None
         fn = systematic_resample if self.method == "systematic" else multinomial_resample
@@ -259,12 +307,13 @@ class ParticleState:
         return draw_one(logw, self.generator)
 
     def summary(self) -> dict:
+        cost = {"passes_per_step": self.passes_per_step(), "selected_at": self.selected_at}
         if not self.record:
             return {"weighted_steps": 0, "resamples": 0, "min_ess": float(self.particles),
-                    "mean_ess": float(self.particles)}
+                    "mean_ess": float(self.particles), **cost}
         return {"weighted_steps": len(self.record), "resamples": sum(r[3] for r in self.record),
                 "min_ess": min(r[2] for r in self.record),
-                "mean_ess": sum(r[1] for r in self.record) / len(self.record)}
+                "mean_ess": sum(r[1] for r in self.record) / len(self.record), **cost}
 
     def summary_text(self) -> str:
         s = self.summary()
@@ -273,6 +322,11 @@ class ParticleState:
         collapsed = self.collapsed_steps()
         text = (f"{self.particles} particles: ESS min {s['min_ess']:.1f}, mean {s['mean_ess']:.1f} over "
                 f"{s['weighted_steps']} steps; resampled {s['resamples']}x")
+        if self.cheaper:
+            text += f"; particles from σ {self.split_at:g}" + (
+                f", one drawn at σ {self.selected_at:.3g}" if self.selected_at is not None else "")
+        if self.model_calls:
+            text += f"; {self.passes_per_step():.1f} model passes per step"
         if collapsed:
             text += (f"; weights COLLAPSED at {collapsed} of {s['weighted_steps']} steps (ESS < "
                      f"{COLLAPSE_ESS:.2f}: one particle held over {math.floor(100 * COLLAPSE_SHARE ** 2)} % of an "

@@ -1,0 +1,216 @@
+"""Particle realignment on a real trained model: the tiny family (scripts/tiny_family.py), in-process ComfyUI.
+
+    nice -n 10 python benchmarks/tiny_particles.py          # results/tiny_particles.{md,json} (~15 min, 2 CPU cores)
+    python benchmarks/tiny_particles.py --tiny --out /tmp/tp  # one prompt, 2 seeds, 3 steps (seconds)
+    nice -n 10 python benchmarks/tiny_particles.py --proposal-study --name tiny_particles_proposal  # λ = 2 only
+
+Models: the family's reference checkpoint; aligned = reference + the anchor's Diffusion-DPO LoRA (β 1000,
+LoraLoaderModelOnly, strength 1), paired by DeRaDiff Make Aligned Model Pair; *from scratch* at β/λ = the
+reference + that β's LoRA through ComfyUI's KSampler. Sampler euler_ancestral (particle mode needs a stochastic
+one), normal scheduler, 20 steps, cfg 4 (the family's sample cfg), 32×32 px (latent 4×4×4), negative = "".
+Every run: the same prompts (``sample_attributes(rng(Config(), "eval", 2), P)``) × one EmptyLatentImage batch
+per prompt, seed 1000 + prompt index. Particle runs go through particle_ksampler (DeRaDiff KSampler's own path,
+one weight per latent) with resample when ESS < 0.5·N.
+
+Reported per λ and rule: the reward (colourfulness, images decoded by the family's VAE) minus the from-scratch
+model's, with the standard error of that difference (independent images); passes per step (counted by the
+particle state; plain DeRaDiff 2) and wall time against plain DeRaDiff in the same process; the ESS over the
+steps (mean over the images, before resampling) and where the log-weights' variance accrues (the variance over
+the particles of each interval's increment, mean over images).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+for _p in (REPO / "benchmarks", REPO / "tests", REPO / "scripts"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import torch  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class Config:
+    anchor: float = 1000.0
+    lambdas: tuple = (0.5, 2.0)
+    # (label, N, split_at, select_below[, proposal f])
+    rules: tuple = (("today N=4", 4, math.inf, 0.0), ("today N=8", 8, math.inf, 0.0),
+                    ("today N=16", 16, math.inf, 0.0), ("N=8 until σ 1", 8, math.inf, 1.0),
+                    ("N=4 until σ 0.5", 4, math.inf, 0.5))
+    prompts: int = 4
+    seeds: int = 8
+    steps: int = 20
+    cfg: float = 4.0
+    sampler: str = "euler_ancestral"
+    scheduler: str = "normal"
+    resample_below: float = 0.5
+
+
+TINY = Config(lambdas=(2.0,), rules=(("today N=2", 2, math.inf, 0.0), ("N=2 until σ 1", 2, math.inf, 1.0)),
+              prompts=1, seeds=2, steps=3)
+
+
+def setup():
+    from alignment_world import setup as aw_setup
+    pack = aw_setup()
+    import folder_paths
+    import tiny_family as tf
+    tf.materialize(tf.FAMILY_DIR, tf.MODELS_DIR)
+    for folder in ("checkpoints", "loras"):
+        folder_paths.add_model_folder_path(folder, str(tf.MODELS_DIR / folder), is_default=True)
+    return pack, tf
+
+
+def run(cfg: Config, log=print) -> dict:
+    pack, tf = setup()
+    import nodes
+    import importlib
+    ps = importlib.import_module(pack.__name__ + ".sampler.particle_sampler")
+    t0 = time.perf_counter()
+    reference, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tf.CHECKPOINT_NAME)[:3]
+
+    def lora_model(beta):
+        return nodes.LoraLoaderModelOnly().load_lora_model_only(reference, f"{tf.SUBFOLDER}/dpo_beta{beta:g}.safetensors", 1.0)[0]
+
+    pair = pack.nodes.DeRaDiffMakePair().make(reference, lora_model(cfg.anchor), cfg.anchor)[0]
+    prompts = [a["prompt"] for a in tf.sample_attributes(tf.rng(tf.Config(), "eval", 2), cfg.prompts)]
+    encode = lambda text: nodes.CLIPTextEncode().encode(clip, text)[0]  # noqa: E731
+    conds = [encode(p) for p in prompts]
+    negative = encode("")
+    latent = nodes.EmptyLatentImage().generate(32, 32, cfg.seeds)[0]
+
+    def rewards(latents):
+        images = vae.decode(latents).detach().float().clamp(0, 1).permute(0, 3, 1, 2)
+        return tf.colourfulness(images).tolist()
+
+    def scratch(beta):
+        model = lora_model(beta)
+        out, t = [], time.perf_counter()
+        for p, cond in enumerate(conds):
+            lat = nodes.KSampler().sample(model, 1000 + p, cfg.steps, cfg.cfg, cfg.sampler, cfg.scheduler, cond,
+                                          negative, latent)[0]
+            out += rewards(lat["samples"])
+        return {"rewards": out, "seconds": time.perf_counter() - t}
+
+    def plain(lam):
+        out, t = [], time.perf_counter()
+        for p, cond in enumerate(conds):
+            res = pack.nodes.DeRaDiffKSampler().sample(pair, 1000 + p, cfg.steps, cfg.cfg, cfg.sampler, cfg.scheduler,
+                                                       cond, negative, latent, 1.0, **{"lambda": lam})
+            out += rewards(res["result"][0]["samples"])
+        return {"rewards": out, "seconds": time.perf_counter() - t, "passes_per_step": 2.0}
+
+    def particles(lam, n, split_at, select_below, proposal=None):
+        out, t, records, passes, resamples = [], time.perf_counter(), [], [], 0
+        for p, cond in enumerate(conds):
+            lat, state = ps.particle_ksampler(pair, lam, 1000 + p, cfg.steps, cfg.cfg, cfg.sampler, cfg.scheduler,
+                                              cond, negative, latent, 1.0, n, cfg.resample_below,
+                                              split_at=split_at, select_below=select_below, proposal=proposal)
+            out += rewards(lat["samples"])
+            records.append(state.record)
+            passes.append(state.passes_per_step())
+            resamples += state.summary()["resamples"]
+        # per weighted step, averaged over the prompts: (σ, mean ESS, min ESS, increment variance)
+        steps = [(r[0][0], sum(x[1] for x in r) / len(r), min(x[2] for x in r), sum(x[4] for x in r) / len(r))
+                 for r in zip(*records)] if records and all(records) else []
+        return {"rewards": out, "seconds": time.perf_counter() - t, "passes_per_step": sum(passes) / len(passes),
+                "steps": steps, "resamples": resamples, "collapsed_steps": sum(1 for s in steps if s[2] < 1.108)}
+
+    def mean_se(values):
+        m = sum(values) / len(values)
+        return m, (sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1) / len(values)) ** 0.5
+
+    plain(cfg.lambdas[0])  # warm-up: the first run loads and patches the models
+    rows = []
+    for lam in cfg.lambdas:
+        target = cfg.anchor / lam
+        row = {"lam": lam, "target_beta": target, "scratch": scratch(target), "plain": plain(lam)}
+        for label, n, split_at, select_below, *proposal in cfg.rules:
+            row[label] = particles(lam, n, split_at, select_below, *proposal)
+            log(f"λ={lam:g} {label}: {row[label]['seconds']:.0f} s")
+        sm, sse = mean_se(row["scratch"]["rewards"])
+        row["scratch"].update(mean=sm, se=sse)
+        for key in ["plain"] + [r[0] for r in cfg.rules]:
+            m, se = mean_se(row[key]["rewards"])
+            row[key].update(mean=m, se=se, err=m - sm, err_se=(se ** 2 + sse ** 2) ** 0.5,
+                            time_ratio=row[key]["seconds"] / row["plain"]["seconds"])
+        rows.append(row)
+        log(f"λ={lam:g} (β {target:g}): scratch {sm:.2f} ± {sse:.2f}; " + "; ".join(
+            f"{k} {row[k]['err']:+.2f}" for k in ["plain"] + [r[0] for r in cfg.rules]))
+    return {"config": asdict(cfg), "prompts": prompts, "rows": rows, "seconds": time.perf_counter() - t0}
+
+
+def render(res, command: str) -> str:
+    cfg = res["config"]
+    labels = ["plain"] + [r[0] for r in cfg["rules"]]
+    L = [f"Measured by `{command}` ({res['seconds']:.0f} s on this machine's CPU, shared 2 cores): the tiny family, "
+         f"anchor β = {cfg['anchor']:g}, {cfg['sampler']}, {cfg['scheduler']}, {cfg['steps']} steps, cfg {cfg['cfg']:g}, "
+         f"{cfg['prompts']} prompts × {cfg['seeds']} seeds, resample when ESS < {cfg['resample_below']:g}·N, one weight "
+         "per latent (4×4×4). Reward = colourfulness; err = reward − from-scratch reward at β/λ ± SE of the "
+         "difference; passes per step counted; time = wall time against plain DeRaDiff (same process).", "",
+         "| λ (β/λ) | scratch reward | rule | err ± SE | passes/step | time | min ESS | resampled | collapsed steps |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        for k in labels:
+            c = r[k]
+            ess = f"{min(s[2] for s in c['steps']):.2f}" if c.get("steps") else "–"
+            L.append(f"| {r['lam']:g} ({r['target_beta']:g}) | {r['scratch']['mean']:.2f} ± {r['scratch']['se']:.2f} | "
+                     f"{k} | {c['err']:+.2f} ± {c['err_se']:.2f} | {c['passes_per_step']:.1f} | {c['time_ratio']:.1f}× | "
+                     f"{ess} | {c.get('resamples', '–')} | {c.get('collapsed_steps', '–')} |")
+    L += ["", "Over the steps (largest N of today's rule): σ, mean ESS before resampling, increment variance:", ""]
+    for r in res["rows"]:
+        today = [x[0] for x in cfg["rules"] if x[0].startswith("today")]
+        if not today:
+            continue
+        c = r[today[-1]]
+        L.append(f"- λ = {r['lam']:g}, {today[-1]}: " + ", ".join(
+            f"σ {s[0]:.2g}: ESS {s[1]:.1f}, var {s[3]:.2g}" for s in c["steps"]))
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--lambdas", type=float, nargs="*")
+    ap.add_argument("--prompts", type=int)
+    ap.add_argument("--seeds", type=int)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default="tiny_particles")
+    ap.add_argument("--quick", action="store_true", help="λ = 2, 1 prompt × 2 seeds: ESS and passes only")
+    ap.add_argument("--proposal-study", action="store_true",
+                    help="λ = 2 only: today's N = 8 against the proposal rule with N = 8 (f = 0, λ_p = 1)")
+    args = ap.parse_args(argv)
+    cfg = TINY if args.tiny else Config()
+    if args.quick:  # the ESS over the steps on the real model, 2 images per rule (its reward errors are noise)
+        cfg = replace(cfg, lambdas=(2.0,), prompts=1, seeds=2, rules=(
+            ("today N=4", 4, math.inf, 0.0), ("today N=8", 8, math.inf, 0.0), ("N=4 until σ 0.5", 4, math.inf, 0.5)))
+    if args.proposal_study:
+        cfg = replace(cfg, lambdas=(2.0,), rules=(("today N=8", 8, math.inf, 0.0),
+                                                  ("N=8 proposal λ_p=1", 8, math.inf, 0.0, 0.0)))
+    if args.lambdas:
+        cfg = replace(cfg, lambdas=tuple(args.lambdas))
+    for key in ("prompts", "seeds"):
+        if getattr(args, key) is not None:
+            cfg = replace(cfg, **{key: getattr(args, key)})
+    res = run(cfg)
+    command = "python benchmarks/tiny_particles.py" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
+    text = render(res, command.strip())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.md").write_text(text)
+    (out / f"{args.name}.json").write_text(json.dumps(res, indent=1))
+    print(text)
+    return res
+
+
+if __name__ == "__main__":
+    main()

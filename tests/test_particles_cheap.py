@@ -1,0 +1,188 @@
+"""The cheaper particle schedule (ParticleState.split_at / select_below) in a real ComfyUI, in-process, on the
+alignment world's closed-form models (benchmarks/aw_comfy.py):
+
+- at its neutral setting (split_at = inf, select_below = 0) it is today's particle mode bit for bit;
+- model passes are counted from the rows the two world models really evaluate, and match the state's count
+  and the schedule's arithmetic (2 per step outside the particle window, 2N inside);
+- one particle that never splits is plain DeRaDiff bit for bit (it starts where plain DeRaDiff starts);
+- the schedule returns one latent per image, runs through the Guider path with a denoise mask (falling back
+  to the whole schedule), and the pure-torch benchmark runs (--tiny)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+LAM = 0.5
+H = 8  # latent side: 64 points per latent
+
+
+@pytest.fixture(scope="module")
+def ac(comfy, pack):
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    import aw_comfy
+    return aw_comfy
+
+
+@pytest.fixture(scope="module")
+def counted(ac, pack):
+    """(pair, counter): the hard world's pair whose two models count the latent rows they evaluate."""
+    import aw_world as aw
+    ref = aw.ring(8, 4.0, (0.3,))
+    w = torch.tensor([1.0, 0.5], dtype=aw.F64)
+    counter = {"rows": 0}
+
+    def counting(denoise):
+        def fn(points, sigma):
+            counter["rows"] += points.shape[0] // (H * H)
+            return denoise(points, sigma)
+        return fn
+
+    pair = ac.make_pair(pack, ac.world_model(counting(ref.denoise)), ac.world_model(counting(ref.tilt(w, 1.0).denoise)),
+                        1.0)
+    return pair, counter
+
+
+def run(ac, pair, n, steps=10, batch=2, seed=5, **kw):
+    from comfyui_deradiff.sampler.particle_sampler import particle_ksampler
+    cond = ac.conditioning()
+    out, state = particle_ksampler(pair, LAM, seed, steps, 1.0, "euler_ancestral", "karras", cond, cond,
+                                   ac.empty_latent(H * H, batch=batch), 1.0, n, **kw)
+    return out["samples"], state
+
+
+def karras(steps):
+    import comfy.samplers
+    import aw_comfy
+    m = aw_comfy.world_model(lambda x, s: x)
+    return comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "karras", steps).tolist()
+
+
+def test_neutral_setting_is_todays_particle_mode_bit_for_bit(ac, counted):
+    pair, counter = counted
+    today, state_today = run(ac, pair, 4)
+    counter["rows"] = 0
+    neutral, state = run(ac, pair, 4, split_at=float("inf"), select_below=0.0)
+    assert torch.equal(today, neutral)
+    assert state.summary() == state_today.summary()
+    above, _ = run(ac, pair, 4, split_at=1e9)  # a split above σ_max: particles from the first call, as today
+    assert torch.equal(today, above)
+    counter["rows"] //= 2  # two runs of the same shape since the reset
+    # both models on all 4 particles at every one of the 10 steps, 2 images
+    assert counter["rows"] == 2 * 4 * 2 * 10
+    assert state.passes_per_step() == pytest.approx(8.0)
+
+
+def test_cheaper_schedule_counts_its_passes(ac, counted):
+    pair, counter = counted
+    steps, n, split, select = 12, 4, 4.0, 0.5
+    sigmas = karras(steps)[:-1]
+    # the split call runs one particle, calls after it N until (and including) the first call below `select`
+    calls = []
+    phase = 1
+    for s in sigmas:
+        calls.append(1 if phase != 2 else n)
+        if phase == 1 and s <= split:
+            phase = 2
+        elif phase == 2 and s < select:
+            phase = 3
+    expected = 2 * sum(calls) / steps
+    assert 2.0 < expected < 2 * n  # the schedule really has all three phases
+    counter["rows"] = 0
+    out, state = run(ac, pair, n, steps=steps, batch=2, split_at=split, select_below=select)
+    assert out.shape[0] == 2  # one latent per image
+    assert counter["rows"] / (2 * steps) == pytest.approx(expected)
+    assert state.passes_per_step() == pytest.approx(expected)
+    assert state.selected_at is not None and state.selected_at < select
+    assert "model passes per step" in state.summary_text()
+
+
+def test_one_particle_that_never_splits_is_plain_deradiff(ac, counted, pack):
+    pair, _ = counted
+    cond = ac.conditioning()
+    latent = ac.empty_latent(H * H, batch=2)
+    plain = pack.nodes.DeRaDiffKSampler().sample(pair, 5, 10, 1.0, "euler_ancestral", "karras", cond, cond, latent,
+                                                 1.0, **{"lambda": LAM})["result"][0]["samples"]
+    never, state = run(ac, pair, 4, split_at=1e-6)  # below every σ of the schedule
+    assert torch.equal(plain, never)
+    assert state.passes_per_step() == pytest.approx(2.0) and state.summary()["weighted_steps"] == 0
+
+
+def test_with_a_denoise_mask_the_particles_run_the_whole_schedule(ac, counted):
+    from comfyui_deradiff.sampler.particle_sampler import particle_ksampler
+    pair, counter = counted
+    cond = ac.conditioning()
+    latent = dict(ac.empty_latent(H * H, batch=1))
+    mask = torch.zeros(1, 1, H, H)
+    mask[..., :, : H // 2] = 1.0
+    latent["noise_mask"] = mask
+    counter["rows"] = 0
+    out, state = particle_ksampler(pair, LAM, 5, 8, 1.0, "euler_ancestral", "karras", cond, cond, latent, 1.0, 4,
+                                   split_at=4.0, select_below=0.5)
+    assert out["samples"].shape[0] == 1
+    assert state.passes_per_step() == pytest.approx(8.0) and counter["rows"] == 2 * 4 * 8
+
+
+def test_cheap_benchmark_tiny_runs(tmp_path):
+    import aw_particles_cheap as apc
+    res = apc.main(["--tiny", "--out", str(tmp_path)])
+    row = res["rows"][0]
+    # counted passes: today's rule 2N per step; the windowed rule fewer
+    assert row["today N=8"]["passes_per_step"] == pytest.approx(16.0)
+    assert 2.0 <= row["N=8 until σ 1"]["passes_per_step"] < 16.0
+    assert (tmp_path / "aw_particles_cheap.md").exists()
+
+
+def test_start_rule_weights_each_step_by_its_own_gain(ac, counted, monkeypatch):
+    """weight_rule="start": the increment of a step is -λ(1-λ)/2·gain(σ, σ')·|ΔD|² at its start (the discrete chains'
+    normaliser), checked against the particle state's input; the default trapezoid differs."""
+    from comfyui_deradiff.sampler import particles as pm
+    pair, _ = counted
+    seen = []
+    original = pm.ParticleState.update
+
+    def spy(self, inc, sigma):
+        seen.append((sigma, inc.clone()))
+        return original(self, inc, sigma)
+
+    monkeypatch.setattr(pm.ParticleState, "update", spy)
+    start, state = run(ac, pair, 4, steps=6, weight_rule="start")
+    sigmas = karras(6)
+    assert [s for s, _ in seen] == pytest.approx(sigmas[:5])  # every step with noise, weighted at its start
+    gain0 = pm.euler_ancestral_gain(sigmas[0], sigmas[1])
+    # at the first call all 4 particles' |ΔD|² is known from their common start: the increment is ≤ 0 at λ = 0.5
+    assert bool((seen[0][1] <= 0).all()) and gain0 > 0
+    seen.clear()
+    trapezoid, _ = run(ac, pair, 4, steps=6)
+    assert [s for s, _ in seen] == pytest.approx(sigmas[1:6])  # the trapezoid adds each interval at its end
+    assert not torch.equal(start, trapezoid)
+    with pytest.raises(ValueError, match="weight rule"):
+        run(ac, pair, 4, weight_rule="middle")
+
+
+def test_proposal_at_lambda_itself_is_the_start_rule(ac, counted):
+    """proposal f: step with the mix at λ_p = 1 + f·(λ − 1), weight by the exact kernel ratio. At f = 1 (λ_p = λ)
+    the ratio terms vanish and, without resampling (which the two rules time differently), the run is the
+    start rule's bit for bit; f = 0.5 at λ = 2 proposes from another mix and changes the result."""
+    from comfyui_deradiff.sampler.particle_sampler import particle_ksampler
+    pair, _ = counted
+    cond = ac.conditioning()
+    latent = ac.empty_latent(H * H, batch=2)
+
+    def go(**kw):
+        out, state = particle_ksampler(pair, 2.0, 5, 10, 1.0, "euler_ancestral", "karras", cond, cond, latent, 1.0, 4,
+                                       resample_below=0.0, **kw)
+        return out["samples"], state
+
+    start, s0 = go(weight_rule="start")
+    same, s1 = go(proposal=1.0)
+    assert torch.equal(start, same)
+    assert torch.equal(s0.logw, s1.logw)
+    other, s2 = go(proposal=0.5)
+    assert not torch.equal(start, other) and s2.summary()["weighted_steps"] == s0.summary()["weighted_steps"]
