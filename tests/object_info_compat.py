@@ -50,13 +50,27 @@ def normalise(node_id: str, info: dict) -> dict:
         if group == "hidden":
             continue
         for name, declared in inputs.items():
-            if (node_id, name) in FILE_LIST_INPUTS:
+            inputs[name] = declared = _v1_form(declared)
+            if (node_id, name) in FILE_LIST_INPUTS and declared[0] != "<files>":
                 assert isinstance(declared[0], list) and all(isinstance(c, str) for c in declared[0]), declared
                 declared[0] = "<files>"
-            if len(declared) > 1:
-                for extra in V3_INPUT_EXTRAS:
-                    declared[1].pop(extra, None)
     return out
+
+
+def _v1_form(declared: list) -> list:
+    """One input spec in the V1 layout. The V3 schema writes a combo as ("COMBO", {"options": [...],
+    "multiselect": false}) where V1 wrote ([...], {}), and says "multiline": false where V1 left it
+    out; the front end (and a saved workflow) reads both the same way."""
+    kind, options = declared[0], dict(declared[1]) if len(declared) > 1 else {}
+    if kind == "COMBO" and "options" in options:
+        kind = options.pop("options")
+        if options.get("multiselect") is False:
+            del options["multiselect"]
+    if options.get("multiline") is False:
+        del options["multiline"]
+    for extra in V3_INPUT_EXTRAS:
+        options.pop(extra, None)
+    return [kind, options] if len(declared) > 1 or options else [kind]
 
 
 def snapshot_path(version: str) -> Path:
