@@ -106,7 +106,7 @@ def sample_deradiff(pack, pair, lam, latent, sampler, steps, seed, scheduler="ka
     """The pack's DeRaDiff KSampler node (DeRaDiffGuider through ComfyUI's samplers)."""
     cond = conditioning()
     out = pack.nodes.DeRaDiffKSampler.execute(pair, seed, steps, 1.0, sampler, scheduler, cond, cond, latent,
-                                               1.0, **{"lambda": float(lam)})
+                                              1.0, **{"lambda": float(lam)})
     return out.result[0]["samples"]
 
 

@@ -139,7 +139,7 @@ def main():
 
     def realigned(lam, every=1, on=pair):
         return lambda: sampler_node.execute(on, 1, args.steps, 7.0, args.sampler, "normal", pos, neg, latent,
-                                           1.0, **{"lambda": lam, "full_pass_every": every})
+                                            1.0, **{"lambda": lam, "full_pass_every": every})
 
     def unfused(fn):
         def run():
@@ -154,7 +154,7 @@ def main():
     def scheduled(**kw):
         sched = pack.nodes.DeRaDiffLambdaSchedule.execute(preview_steps=args.steps, **kw).result[0]
         return lambda: sampler_node.execute(pair, 1, args.steps, 7.0, args.sampler, "normal", pos, neg, latent,
-                                           1.0, **{"lambda": 1.0, "lambda_schedule": sched})
+                                            1.0, **{"lambda": 1.0, "lambda_schedule": sched})
 
     half = dict(lambda_to=0.0, start_percent=0.0, end_percent=0.5, custom_values="", lambda_outside=1.0)
     configs = {"KSampler (reference only)": plain, "DeRaDiff λ=0": realigned(0.0),

@@ -82,7 +82,7 @@ def one(config: str, size: int, steps: int, device: str, files=FILES) -> dict:
         if config == CONFIGS[0]:
             return nodes.KSampler().sample(ref, 1, steps, 5.0, "euler", "normal", cond, cond, latent)
         return pack.nodes.DeRaDiffKSampler.execute(pair, 1, steps, 5.0, "euler", "normal", cond, cond, latent,
-                                                    1.0, **{"lambda": 0.5})
+                                                   1.0, **{"lambda": 0.5})
     run()  # warm-up (loads to the device)
     if cuda:
         torch.cuda.synchronize()

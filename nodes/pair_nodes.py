@@ -74,8 +74,8 @@ def _full_path(node, input_name, folder, name):
 class DeRaDiffLoadAlignedPair(io.ComfyNode):
     NODE = "Load Aligned Model Pair (DeRaDiff)"
     ABOUT = ("Loads a reference checkpoint and a model aligned from it (DPO, SPO, KTO, MaPO, "
-                   "reward fine-tune) as a DeRaDiff pair. The aligned model can be a full checkpoint "
-                   "or a diffusion-model-only file (original or diffusers layout).")
+             "reward fine-tune) as a DeRaDiff pair. The aligned model can be a full checkpoint "
+             "or a diffusion-model-only file (original or diffusers layout).")
 
     @classmethod
     def define_schema(cls):
@@ -230,7 +230,7 @@ class DeRaDiffLoadAlignedPair(io.ComfyNode):
 class DeRaDiffMakePair(io.ComfyNode):
     NODE = "Make Aligned Model Pair (DeRaDiff)"
     ABOUT = ("Makes a DeRaDiff pair from two MODEL inputs, so any loader (LoRA loaders, "
-                   "quantised loaders, merges) can feed DeRaDiff.")
+             "quantised loaders, merges) can feed DeRaDiff.")
 
     @classmethod
     def define_schema(cls):

@@ -14,7 +14,6 @@ from .particle_inputs import check_particles, particles_input, resample_ess_inpu
 log = logging.getLogger("DeRaDiff")
 
 
-
 def _ui_text(pair, lam, schedule_text):
     return schedule_text or emulated_beta_text(pair.beta, lam)
 
@@ -32,8 +31,8 @@ def _expert_inputs():
 class DeRaDiffKSampler(io.ComfyNode):
     NODE = "DeRaDiff KSampler"
     ABOUT = ("A drop-in KSampler that samples from the geometric mixture of a reference and an "
-                   "aligned model: λ dials the alignment strength at sampling time (emulating a model "
-                   "aligned at β/λ) without retraining.")
+             "aligned model: λ dials the alignment strength at sampling time (emulating a model "
+             "aligned at β/λ) without retraining.")
 
     @classmethod
     def define_schema(cls):
@@ -43,7 +42,7 @@ class DeRaDiffKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, pair, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-               denoise=1.0, **kwargs):
+                denoise=1.0, **kwargs):
         check_pair(cls.NODE, pair)
         lam, schedule_text = lambda_or_schedule(cls.NODE, kwargs)
         cfg, denoise = check_sampling_numbers(cls.NODE, cfg, denoise)
@@ -67,7 +66,7 @@ class DeRaDiffKSampler(io.ComfyNode):
 class DeRaDiffGuiderNode(io.ComfyNode):
     NODE = "DeRaDiff Guider"
     ABOUT = ("DeRaDiff realignment as a GUIDER for SamplerCustomAdvanced, so custom sigmas, "
-                   "samplers and noise work too.")
+             "samplers and noise work too.")
 
     @classmethod
     def define_schema(cls):

@@ -13,12 +13,12 @@ def _lambda(name, default, tooltip):
 class DeRaDiffLambdaSchedule(io.ComfyNode):
     NODE = "DeRaDiff λ Schedule"
     ABOUT = ("λ along the denoising trajectory, for DeRaDiff KSampler / Guider / Realign Model "
-                   "(replaces their constant λ). Percents are absolute, like ComfyUI's own start/end "
-                   "percent inputs: λ is evaluated from the sigma each model call is made at, on the "
-                   "model's noise schedule, so multi-call samplers, img2img and two-stage sampling "
-                   "(KSamplerAdvanced start/end steps, SplitSigmas) all follow the same curve. custom "
-                   "is one value per sampler step instead (whatever the scheduler; a split run takes its "
-                   "own steps' values). Steps where λ is exactly 0 or 1 run only the model they need.")
+             "(replaces their constant λ). Percents are absolute, like ComfyUI's own start/end "
+             "percent inputs: λ is evaluated from the sigma each model call is made at, on the "
+             "model's noise schedule, so multi-call samplers, img2img and two-stage sampling "
+             "(KSamplerAdvanced start/end steps, SplitSigmas) all follow the same curve. custom "
+             "is one value per sampler step instead (whatever the scheduler; a split run takes its "
+             "own steps' values). Steps where λ is exactly 0 or 1 run only the model they need.")
 
     @classmethod
     def define_schema(cls):
@@ -54,7 +54,7 @@ class DeRaDiffLambdaSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, shape, lambda_from, lambda_to, start_percent, end_percent, lambda_outside, custom_values,
-              preview_steps=None, custom_floats=None, pair=None):
+                preview_steps=None, custom_floats=None, pair=None):
         # NaN passes ComfyUI's min/max validation: every number is checked here, by input name
         lambda_from, lambda_to, lambda_outside = (check_lambda_input(cls.NODE, v, name) for v, name in (
             (lambda_from, "lambda_from"), (lambda_to, "lambda_to"), (lambda_outside, "lambda_outside")))

@@ -31,8 +31,8 @@ def _mean_sem(values):
 class DeRaDiffLoadRewardModel(io.ComfyNode):
     NODE = "DeRaDiff Load Reward Model"
     ABOUT = ("Loads a reward model from models/reward_models (or a reward_models path in "
-                   "extra_model_paths.yaml) to score images: PickScore, CLIP score, LAION aesthetic v2 or a small torch scorer. "
-                   "Nothing is downloaded; the README's FAQ ('λ Search') says where each file comes from.")
+             "extra_model_paths.yaml) to score images: PickScore, CLIP score, LAION aesthetic v2 or a small torch scorer. "
+             "Nothing is downloaded; the README's FAQ ('λ Search') says where each file comes from.")
 
     @classmethod
     def define_schema(cls):
@@ -131,11 +131,11 @@ def particle_summary(particles: int, ess: dict) -> str:
 class DeRaDiffLambdaSearch(io.ComfyNode):
     NODE = "DeRaDiff λ Search"
     ABOUT = ("Finds the λ that maximises a reward model: samples a few λ for every prompt and seed "
-                   "(one batched pass per round, as λ Sweep), fits a Gaussian process to the mean reward "
-                   "against λ (each λ's noise from the spread of its scores), and picks the next λ by the "
-                   "knowledge gradient, until the budget is spent. "
-                   "Returns the best λ (connect it to DeRaDiff KSampler's λ), a plot of reward against λ, "
-                   "the best λ's images and a table of every evaluation.")
+             "(one batched pass per round, as λ Sweep), fits a Gaussian process to the mean reward "
+             "against λ (each λ's noise from the spread of its scores), and picks the next λ by the "
+             "knowledge gradient, until the budget is spent. "
+             "Returns the best λ (connect it to DeRaDiff KSampler's λ), a plot of reward against λ, "
+             "the best λ's images and a table of every evaluation.")
 
     @classmethod
     def define_schema(cls):
@@ -186,8 +186,8 @@ class DeRaDiffLambdaSearch(io.ComfyNode):
 
     @classmethod
     def execute(cls, pair, clip, vae, reward_model, prompts, negative, latent_image, seed, steps, cfg, sampler_name,
-               scheduler, lambda_min, lambda_max, budget, lambdas_per_round, watch_reward_model=None, beta=0.0,
-               max_lambdas_per_pass=0, **kwargs):
+                scheduler, lambda_min, lambda_max, budget, lambdas_per_round, watch_reward_model=None, beta=0.0,
+                max_lambdas_per_pass=0, **kwargs):
         check_pair(cls.NODE, pair)
         particles, resample_below = check_particles(cls.NODE, kwargs)
         if particles > 1:

@@ -41,8 +41,8 @@ def with_beta(label: str, beta) -> str:
 class DeRaDiffLambdaSweep(io.ComfyNode):
     NODE = "DeRaDiff λ Sweep"
     ABOUT = ("The DeRaDiff evaluation protocol: several λ with one seed, in ONE batched sampling "
-                   "pass (every model call carries all λ). Each λ gives exactly what DeRaDiff KSampler "
-                   "gives for that λ and seed. Feed the images and labels to DeRaDiff Sweep Grid.")
+             "pass (every model call carries all λ). Each λ gives exactly what DeRaDiff KSampler "
+             "gives for that λ and seed. Feed the images and labels to DeRaDiff Sweep Grid.")
 
     @classmethod
     def define_schema(cls):
@@ -67,7 +67,7 @@ class DeRaDiffLambdaSweep(io.ComfyNode):
 
     @classmethod
     def execute(cls, pair, lambdas, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-              denoise=1.0, max_lambdas_per_pass=0, full_pass_every=1):
+                denoise=1.0, max_lambdas_per_pass=0, full_pass_every=1):
         check_pair(cls.NODE, pair)
         try:
             values = parse_values(lambdas)
@@ -128,8 +128,8 @@ class DeRaDiffSweepGrid(io.ComfyNode):
 class DeRaDiffRealignModel(io.ComfyNode):
     NODE = "DeRaDiff Realign Model"
     ABOUT = ("Returns a MODEL whose every evaluation is the DeRaDiff mix of the pair, for use in "
-                   "KSampler, KSamplerAdvanced, SamplerCustom, detailers and upscalers of other packs. "
-                   "The aligned model is attached so ComfyUI loads both together.")
+             "KSampler, KSamplerAdvanced, SamplerCustom, detailers and upscalers of other packs. "
+             "The aligned model is attached so ComfyUI loads both together.")
 
     @classmethod
     def define_schema(cls):

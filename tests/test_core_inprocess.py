@@ -24,7 +24,7 @@ def realign(pack, pair, lam, s, latent=None, sampler="euler", scheduler="normal"
             cfg=5.0, denoise=1.0):
     node = pack.nodes.DeRaDiffKSampler()
     out = node.execute(pair, seed, steps, cfg, sampler, scheduler, s["pos"], s["neg"],
-                      latent or s["latent"], denoise, **{"lambda": lam})
+                       latent or s["latent"], denoise, **{"lambda": lam})
     return out.result[0]["samples"]
 
 
@@ -248,7 +248,7 @@ def test_incompatible_pairs_are_refused_with_both_names(comfy, pack):
     xl = load_unet("sdxl_aligned_unet.safetensors")
     with pytest.raises(NodeInputError) as e:
         pack.nodes.DeRaDiffLoadAlignedPair.execute("sd15_reference.safetensors",
-                                                  "diffusion_models/sdxl_aligned_unet.safetensors")
+                                                   "diffusion_models/sdxl_aligned_unet.safetensors")
     msg = str(e.value)
     assert "sd15_reference.safetensors" in msg and "sdxl_aligned_unet.safetensors" in msg
     assert "SD15" in msg and "KOALA_700M" in msg and "aligned_model" in msg

@@ -36,7 +36,7 @@ def recording(patcher, log, name):
 def run(s, pair, lam, every=None, sampler="euler", steps=STEPS, seed=5):
     extra = {} if every is None else {"full_pass_every": every}
     out = s["pack"].nodes.DeRaDiffKSampler.execute(pair, seed, steps, 5.0, sampler, "normal", s["pos"], s["neg"],
-                                                    s["latent"], 1.0, **{"lambda": lam}, **extra)
+                                                   s["latent"], 1.0, **{"lambda": lam}, **extra)
     return out.result[0]["samples"]
 
 

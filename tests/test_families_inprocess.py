@@ -98,7 +98,7 @@ def make_pair(pack, ref, aligned):
 
 def deradiff(pack, f, pair, lam, latent=None, pos=None):
     out = pack.nodes.DeRaDiffKSampler.execute(pair, SEED, STEPS, f["cfg"], "euler", "normal", pos or f["pos"],
-                                               f["neg"], latent or f["latent"], 1.0, **{"lambda": lam})
+                                              f["neg"], latent or f["latent"], 1.0, **{"lambda": lam})
     return out.result[0]["samples"]
 
 

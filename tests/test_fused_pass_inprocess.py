@@ -23,8 +23,8 @@ def sd15(comfy, pack):
 def run(s, reference, aligned, lam, sampler="euler", every=1, latent=None):
     pair = s["pack"].nodes.DeRaDiffMakePair.execute(reference, aligned, 0.0)[0]
     out = s["pack"].nodes.DeRaDiffKSampler.execute(pair, 3, STEPS, 5.0, sampler, "normal", s["pos"], s["neg"],
-                                                    latent or s["latent"], 1.0,
-                                                    **{"lambda": lam, "full_pass_every": every})
+                                                   latent or s["latent"], 1.0,
+                                                   **{"lambda": lam, "full_pass_every": every})
     return out.result[0]["samples"]
 
 

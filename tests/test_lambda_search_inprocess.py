@@ -167,7 +167,7 @@ def test_lambda_search_node_on_sd15(pack, comfy, reward_dir):
     latent = {"samples": torch.zeros(2, 4, 8, 8)}
     node = pack.nodes.DeRaDiffLambdaSearch()
     out = node.execute(pair, clip, vae, reward, "a red fox\na lighthouse", encode(clip, "blurry"), latent, 3, 2, 5.0,
-                      "euler", "normal", 0.0, 2.0, 5, 2, watch_reward_model=watch)
+                       "euler", "normal", 0.0, 2.0, 5, 2, watch_reward_model=watch)
     best, plot, images, table = out.result
     assert 0.0 <= best <= 2.0
     assert plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.shape[1] > 100
@@ -181,7 +181,7 @@ def test_lambda_search_node_on_sd15(pack, comfy, reward_dir):
         node.execute(pair, clip, vae, reward, "x", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal", 1.0, 1.0, 5, 2)
     with pytest.raises(errors, match="input 'lambda_min'"):
         node.execute(pair, clip, vae, reward, "x", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal",
-                    float("nan"), 1.0, 5, 2)
+                     float("nan"), 1.0, 5, 2)
     with pytest.raises(errors, match="input 'prompts'"):
         node.execute(pair, clip, vae, reward, " \n ", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal", 0.0, 1.0, 5, 2)
 
@@ -211,16 +211,16 @@ def test_lambda_search_with_particles(pack, comfy, reward_dir):
         assert [s["weighted_steps"] for s in setup.ess[e.lam]] == [1]  # euler_ancestral, 2 steps: one noisy step
     node = pack.nodes.DeRaDiffLambdaSearch()
     out = node.execute(pair, clip, vae, reward, "a red fox", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal",
-                      0.0, 2.0, 3, 2, particles=2)
+                       0.0, 2.0, 3, 2, particles=2)
     assert 0.0 <= out.result[0] <= 2.0
     assert "2 particles per image: ESS min" in out.ui["text"][0], out.ui["text"][0]
     errors = pack.nodes.common.NodeInputError
     with pytest.raises(ValueError, match="DeRaDiff λ Search: input 'sampler_name'.*stochastic"):
         node.execute(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "euler", "normal", 0.0, 2.0, 3, 2,
-                    particles=2)
+                     particles=2)
     with pytest.raises(errors, match="DeRaDiff λ Search: input 'particles'"):
         node.execute(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal", 0.0, 2.0,
-                    3, 2, particles=0)
+                     3, 2, particles=0)
     with pytest.raises(errors, match="DeRaDiff λ Search: input 'resample_ess'"):
         node.execute(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal", 0.0, 2.0,
-                    3, 2, particles=2, resample_ess=1.5)
+                     3, 2, particles=2, resample_ess=1.5)

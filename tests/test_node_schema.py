@@ -91,7 +91,7 @@ def test_object_info_comparison_can_fail(pack, snapshot):
 
 def test_object_info_through_the_server_equals_the_v1_nodes(comfy_server, snapshot):
     for node_id in compat.PACK_NODES:
-        _assert_same_api(node_id, comfy_server.object_info(node_id)[node_id], snapshot[node_id])
+        _assert_same_api(node_id, comfy_server.object_info(node_id), snapshot[node_id])
 
 
 def test_v3_extras_where_comfyui_has_them(pack, comfy_root):

@@ -44,7 +44,7 @@ def hard(ac, pack):
 def node_sample(pack, ac, pair, latent, sampler, steps=6, seed=3, lam=LAM, **extra):
     cond = ac.conditioning()
     return pack.nodes.DeRaDiffKSampler.execute(pair, seed, steps, 1.0, sampler, "karras", cond, cond, latent, 1.0,
-                                                **{"lambda": lam}, **extra)
+                                               **{"lambda": lam}, **extra)
 
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "ddpm", "dpmpp_2m"])

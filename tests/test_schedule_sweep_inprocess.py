@@ -34,7 +34,7 @@ def realign(pack, s, sampler="euler", lam=1.0, sched=None, latent=None, denoise=
     if sched is not None:
         kwargs["lambda_schedule"] = sched
     out = pack.nodes.DeRaDiffKSampler.execute(pair or s["pair"], seed, steps, 5.0, sampler, "normal", s["pos"],
-                                               s["neg"], latent or s["latent"], denoise, **kwargs)
+                                              s["neg"], latent or s["latent"], denoise, **kwargs)
     return out.result[0]["samples"]
 
 
@@ -226,12 +226,12 @@ def custom(pack, values):
 def test_custom_schedule_gives_each_step_its_own_value(sd15, pack, lambdas_used, scheduler):
     values = [1, 1, 0.5, 0]
     pack.nodes.DeRaDiffKSampler.execute(sd15["pair"], 3, 4, 5.0, "euler", scheduler, sd15["pos"], sd15["neg"],
-                                         sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
+                                        sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
     assert lambdas_used == values
     lambdas_used.clear()
     many = [round(0.05 * i, 2) for i in range(20)]
     pack.nodes.DeRaDiffKSampler.execute(sd15["pair"], 3, 20, 5.0, "euler", scheduler, sd15["pos"], sd15["neg"],
-                                         sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, many)})
+                                        sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, many)})
     assert lambdas_used == many
 
 
@@ -253,7 +253,7 @@ def test_custom_schedule_heun_corrector_belongs_to_its_step(sd15, pack, lambdas_
         pytest.skip(f"{sampler} is not in this ComfyUI")
     values = [1, 0.5, 0.25, 0]
     pack.nodes.DeRaDiffKSampler.execute(sd15["pair"], 3, 4, 5.0, sampler, "karras", sd15["pos"], sd15["neg"],
-                                         sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
+                                        sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
     assert lambdas_used == CORRECTOR_RUNS[sampler]
 
 
@@ -262,7 +262,7 @@ def test_custom_schedule_longer_than_the_run_says_which_values_are_unused(sd15, 
     caplog.set_level(logging.WARNING, logger="DeRaDiff")
     values = [1, 0.5, 0.25, 0, 0.75, 0.75]
     pack.nodes.DeRaDiffKSampler.execute(sd15["pair"], 3, 4, 5.0, "euler", "karras", sd15["pos"], sd15["neg"],
-                                         sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
+                                        sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
     assert lambdas_used == values[:4]
     assert "6 values but this run has only 4 steps: the values after the first 4 are not used" in caplog.text
 

@@ -43,7 +43,7 @@ def test_lora_pair_shares_the_reference_weights_and_matches_a_merged_copy(comfy,
     import comfy.model_management as mm
     with caplog.at_level(logging.INFO):
         pair, _, _ = pack.nodes.DeRaDiffLoadAlignedPair.execute("sd15_reference.safetensors",
-                                                               "loras/sd15_aligned_lora.safetensors", 0.0, 0.8)
+                                                                "loras/sd15_aligned_lora.safetensors", 0.0, 0.8)
         side = pair.aligned_side()
     assert side.shared is not None and side.patcher is None
     assert "share the reference's weights" in caplog.text
@@ -193,7 +193,7 @@ def test_lora_factors_are_cached_during_a_run_and_dropped_by_its_cleanup(comfy, 
     ``with delta:`` caches nothing."""
     import nodes
     pair, _, _ = pack.nodes.DeRaDiffLoadAlignedPair.execute("sd15_reference.safetensors",
-                                                           "loras/sd15_aligned_lora.safetensors", 0.0, 0.8)
+                                                            "loras/sd15_aligned_lora.safetensors", 0.0, 0.8)
     shared = pair.aligned_side().shared
     assert shared is not None and shared.low_rank
     seen = []

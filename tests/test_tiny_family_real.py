@@ -100,7 +100,7 @@ def test_deradiff_lambda_moves_the_reward(tf, family, pack):
         for p in prompts:
             latent = nodes.EmptyLatentImage().generate(32, 32, 8)[0]
             out = sampler.execute(pair, 7, 20, 4.0, "euler", "normal", encode(clip, p), encode(clip, ""), latent,
-                                 **{"lambda": lam})
+                                  **{"lambda": lam})
             lat = out.result[0]["samples"]
             img = vae.decode(lat).detach().permute(0, 3, 1, 2).float()
             per_prompt.append(tf.colourfulness(img))
