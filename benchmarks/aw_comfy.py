@@ -105,10 +105,10 @@ def sample_plain(model, latent, sampler, steps, seed, scheduler="karras"):
 def sample_deradiff(pack, pair, lam, latent, sampler, steps, seed, scheduler="karras"):
     """The pack's DeRaDiff KSampler node (DeRaDiffGuider through ComfyUI's samplers)."""
     cond = conditioning()
-    out = pack.nodes.DeRaDiffKSampler().sample(pair, seed, steps, 1.0, sampler, scheduler, cond, cond, latent,
-                                               1.0, **{"lambda": float(lam)})
-    return out["result"][0]["samples"]
+    out = pack.nodes.DeRaDiffKSampler.execute(pair, seed, steps, 1.0, sampler, scheduler, cond, cond, latent,
+                                              1.0, **{"lambda": float(lam)})
+    return out.result[0]["samples"]
 
 
 def make_pair(pack, reference, aligned, beta=0.0):
-    return pack.nodes.DeRaDiffMakePair().make(reference, aligned, beta)[0]
+    return pack.nodes.DeRaDiffMakePair.execute(reference, aligned, beta)[0]

@@ -142,9 +142,9 @@ class Counted:
 def sample(pack, pair, lam, k, latent, sampler, cfg: Config):
     import aw_comfy as ac
     cond = ac.conditioning()
-    out = pack.nodes.DeRaDiffKSampler().sample(pair, cfg.seed, cfg.steps, 1.0, sampler, cfg.scheduler, cond, cond,
-                                               latent, 1.0, **{"lambda": float(lam), "full_pass_every": k})
-    return ac.points_from_latent(pair.reference, out["result"][0]["samples"])
+    out = pack.nodes.DeRaDiffKSampler.execute(pair, cfg.seed, cfg.steps, 1.0, sampler, cfg.scheduler, cond, cond,
+                                              latent, 1.0, **{"lambda": float(lam), "full_pass_every": k})
+    return ac.points_from_latent(pair.reference, out.result[0]["samples"])
 
 
 def stats(x, w, target, exact_set):

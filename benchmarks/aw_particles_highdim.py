@@ -129,8 +129,8 @@ def run_modes(pack, h, w, m, lam, cfg, log):
 
     row = {"world": "modes", "size": f"4×{h}×{w}", "lam": lam, "m": m, "se": sd / math.sqrt(m)}
     t = time.perf_counter()
-    plain = pack.nodes.DeRaDiffKSampler().sample(pair, cfg.seed, cfg.steps, 1.0, cfg.sampler, cfg.scheduler, cond, cond,
-                                                 latent, 1.0, **{"lambda": lam})["result"][0]["samples"]
+    plain = pack.nodes.DeRaDiffKSampler.execute(pair, cfg.seed, cfg.steps, 1.0, cfg.sampler, cfg.scheduler, cond, cond,
+                                                 latent, 1.0, **{"lambda": lam}).result[0]["samples"]
     row["plain_err"], row["plain_tv"] = reward_and_modes(plain)
     out, state = ps.particle_ksampler(pair, lam, cfg.seed, cfg.steps, 1.0, cfg.sampler, cfg.scheduler, cond, cond,
                                       latent, 1.0, cfg.particles, cfg.resample_below)
@@ -159,8 +159,8 @@ def run_product(pack, h, w, m, lam, cfg, log, window=None, temper=1.0, plain=Tru
     row = {"world": "product", "size": f"4×{h}×{w}", "lam": lam, "m": m, "se": None}
     t = time.perf_counter()
     if plain:
-        base = pack.nodes.DeRaDiffKSampler().sample(pair, cfg.seed, cfg.steps, 1.0, cfg.sampler, cfg.scheduler, cond,
-                                                    cond, latent, 1.0, **{"lambda": lam})["result"][0]["samples"]
+        base = pack.nodes.DeRaDiffKSampler.execute(pair, cfg.seed, cfg.steps, 1.0, cfg.sampler, cfg.scheduler, cond,
+                                                    cond, latent, 1.0, **{"lambda": lam}).result[0]["samples"]
         row["plain_err"], row["plain_tv"] = err(base)
     out, state = ps.particle_ksampler(pair, lam, cfg.seed, cfg.steps, 1.0, cfg.sampler, cfg.scheduler, cond, cond,
                                       latent, 1.0, cfg.particles, cfg.resample_below, window=window, temper=temper)

@@ -130,16 +130,16 @@ def main():
     ref, aligned, with_lora, clip = load_models(args.family, h)
     pos, neg = h.encode(clip, "a red fox in the snow"), h.encode(clip, "blurry")
     latent = h.empty_latent(args.size, args.size)
-    pair = pack.nodes.DeRaDiffMakePair().make(ref, aligned)[0]
-    lora_pair = pack.nodes.DeRaDiffMakePair().make(ref, with_lora)[0]
+    pair = pack.nodes.DeRaDiffMakePair.execute(ref, aligned)[0]
+    lora_pair = pack.nodes.DeRaDiffMakePair.execute(ref, with_lora)[0]
     sampler_node = pack.nodes.DeRaDiffKSampler()
 
     def plain():
         return nodes.KSampler().sample(ref, 1, args.steps, 7.0, args.sampler, "normal", pos, neg, latent)
 
     def realigned(lam, every=1, on=pair):
-        return lambda: sampler_node.sample(on, 1, args.steps, 7.0, args.sampler, "normal", pos, neg, latent,
-                                           1.0, **{"lambda": lam, "full_pass_every": every})
+        return lambda: sampler_node.execute(on, 1, args.steps, 7.0, args.sampler, "normal", pos, neg, latent,
+                                            1.0, **{"lambda": lam, "full_pass_every": every})
 
     def unfused(fn):
         def run():
@@ -152,9 +152,9 @@ def main():
         return run
 
     def scheduled(**kw):
-        sched = pack.nodes.DeRaDiffLambdaSchedule().build(preview_steps=args.steps, **kw)["result"][0]
-        return lambda: sampler_node.sample(pair, 1, args.steps, 7.0, args.sampler, "normal", pos, neg, latent,
-                                           1.0, **{"lambda": 1.0, "lambda_schedule": sched})
+        sched = pack.nodes.DeRaDiffLambdaSchedule.execute(preview_steps=args.steps, **kw).result[0]
+        return lambda: sampler_node.execute(pair, 1, args.steps, 7.0, args.sampler, "normal", pos, neg, latent,
+                                            1.0, **{"lambda": 1.0, "lambda_schedule": sched})
 
     half = dict(lambda_to=0.0, start_percent=0.0, end_percent=0.5, custom_values="", lambda_outside=1.0)
     configs = {"KSampler (reference only)": plain, "DeRaDiff λ=0": realigned(0.0),

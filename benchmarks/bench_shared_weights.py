@@ -72,17 +72,17 @@ def one(config: str, size: int, steps: int, device: str, files=FILES) -> dict:
     ref = nodes.UNETLoader().load_unet(os.path.basename(files[0]), "default")[0]
     if config == CONFIGS[1]:
         pair = pack.nodes.DeRaDiffLoadAlignedPair()._apply_lora(ref, "lora", str(standins.STANDIN_DIR / files[2]), 1.0)
-        pair = pack.nodes.DeRaDiffMakePair().make(ref, pair)[0]
+        pair = pack.nodes.DeRaDiffMakePair.execute(ref, pair)[0]
         assert pair.aligned_side().shared is not None
     elif config == CONFIGS[2]:
         aligned = nodes.UNETLoader().load_unet(os.path.basename(files[1]), "default")[0]
-        pair = pack.nodes.DeRaDiffMakePair().make(ref, aligned)[0]
+        pair = pack.nodes.DeRaDiffMakePair.execute(ref, aligned)[0]
 
     def run():
         if config == CONFIGS[0]:
             return nodes.KSampler().sample(ref, 1, steps, 5.0, "euler", "normal", cond, cond, latent)
-        return pack.nodes.DeRaDiffKSampler().sample(pair, 1, steps, 5.0, "euler", "normal", cond, cond, latent,
-                                                    1.0, **{"lambda": 0.5})
+        return pack.nodes.DeRaDiffKSampler.execute(pair, 1, steps, 5.0, "euler", "normal", cond, cond, latent,
+                                                   1.0, **{"lambda": 0.5})
     run()  # warm-up (loads to the device)
     if cuda:
         torch.cuda.synchronize()

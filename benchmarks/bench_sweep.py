@@ -37,17 +37,17 @@ def main():
     import comfy_helpers as h
     comfy.utils.PROGRESS_BAR_ENABLED = False
     ref, aligned, _, clip = load_models(args.family, h)
-    pair = pack.nodes.DeRaDiffMakePair().make(ref, aligned)[0]
+    pair = pack.nodes.DeRaDiffMakePair.execute(ref, aligned)[0]
     pos, neg = h.encode(clip, "a red fox"), h.encode(clip, "blurry")
     latent = h.empty_latent(args.size, args.size)
     lambdas = [float(v) for v in args.lambdas.split(",")]
     common = (1, args.steps, 7.0, args.sampler, "normal", pos, neg, latent, 1.0)
 
     def batched():
-        return pack.nodes.DeRaDiffLambdaSweep().sweep(pair, args.lambdas, *common)[0]["samples"]
+        return pack.nodes.DeRaDiffLambdaSweep.execute(pair, args.lambdas, *common)[0]["samples"]
 
     def separate():
-        return torch.cat([pack.nodes.DeRaDiffKSampler().sample(pair, *common, **{"lambda": lam})["result"][0]["samples"]
+        return torch.cat([pack.nodes.DeRaDiffKSampler.execute(pair, *common, **{"lambda": lam}).result[0]["samples"]
                           for lam in lambdas])
 
     a, b = batched(), separate()  # warm-up, and the equality check

@@ -3,35 +3,62 @@ from __future__ import annotations
 
 import math
 
+from comfy_api.latest import io
+
 from ..sampler.plots import fmt_number
+from .v3_features import advanced, search_aliases
 
 CATEGORY = "sampling/DeRaDiff"
 PAIR_TYPE = "DERADIFF_PAIR"
 SCHEDULE_TYPE = "DERADIFF_SCHEDULE"
 
-PAIR_INPUT = (PAIR_TYPE, {"tooltip": "The reference + aligned model pair, from Load / Make Aligned Model Pair."})
-SCHEDULE_INPUT = (SCHEDULE_TYPE, {"tooltip": "Optional λ schedule (DeRaDiff λ Schedule); when connected it replaces the constant λ."})
+# The pack's own socket types: same type strings as the V1 nodes had, so saved links still fit.
+Pair = io.Custom(PAIR_TYPE)
+Schedule = io.Custom(SCHEDULE_TYPE)
 
-LAMBDA_INPUT = ("FLOAT", {
-    "default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "round": 0.001,
-    "tooltip": "λ (lambda), the realignment strength. 0 = the reference model, 1 = the aligned "
-               "model, between 0 and 1 = interpolates, above 1 = extrapolates (emulates a weaker "
-               "KL penalty, β/λ; can degrade past 2-3). λ 0 and 1 cost one model pass per step, "
-               "other values two."})
+# Words a user may type in the node search for any DeRaDiff node (newer ComfyUI only).
+SEARCH_ALIASES = ("alignment strength", "DPO", "realign", "beta", "KL")
 
-FULL_PASS_INPUT = ("INT", {
-    "default": 1, "min": 1, "max": 8,
-    "tooltip": "Run both models only on every k-th step; the steps in between run ONE model and reuse "
-               "the last difference between the two (the first step and the inner evaluations of "
-               "multi-step samplers, Heun's corrector included, always run both). 1 = exact DeRaDiff, two "
-               "passes per step; 2 = 1.5 "
-               "passes; 3 ≈ 1.33. Faster, slightly approximate: docs/difference_reuse.md "
-               "gives the measured error. No effect at λ = 0 or 1 (one model anyway)."})
+LAMBDA_TOOLTIP = ("λ (lambda), the realignment strength. 0 = the reference model, 1 = the aligned "
+                  "model, between 0 and 1 = interpolates, above 1 = extrapolates (emulates a weaker "
+                  "KL penalty, β/λ; can degrade past 2-3). λ 0 and 1 cost one model pass per step, "
+                  "other values two.")
+FULL_PASS_TOOLTIP = ("Run both models only on every k-th step; the steps in between run ONE model and reuse "
+                     "the last difference between the two (the first step and the inner evaluations of "
+                     "multi-step samplers, Heun's corrector included, always run both). 1 = exact DeRaDiff, two "
+                     "passes per step; 2 = 1.5 "
+                     "passes; 3 ≈ 1.33. Faster, slightly approximate: docs/difference_reuse.md "
+                     "gives the measured error. No effect at λ = 0 or 1 (one model anyway).")
 
-BETA_INPUT = ("FLOAT", {
-    "default": 0.0, "min": 0.0, "max": 1e6, "step": 0.1,
-    "tooltip": "Optional: the β (KL strength) the aligned model was trained at, e.g. 5000 for "
-               "Diffusion-DPO. Only used to show the emulated β/λ; 0 = unknown."})
+
+def pair_input(optional=False, tooltip="The reference + aligned model pair, from Load / Make Aligned Model Pair."):
+    return Pair.Input("pair", optional=optional, tooltip=tooltip)
+
+
+def schedule_input():
+    return Schedule.Input("lambda_schedule", optional=True, tooltip=(
+        "Optional λ schedule (DeRaDiff λ Schedule); when connected it replaces the constant λ."))
+
+
+def lambda_input():
+    return io.Float.Input("lambda", default=1.0, min=0.0, max=10.0, step=0.05, round=0.001, tooltip=LAMBDA_TOOLTIP)
+
+
+def full_pass_input():
+    return io.Int.Input("full_pass_every", default=1, min=1, max=8, optional=True, tooltip=FULL_PASS_TOOLTIP,
+                        **advanced())
+
+
+def beta_input():
+    return io.Float.Input("beta", default=0.0, min=0.0, max=1e6, step=0.1, optional=True, tooltip=(
+        "Optional: the β (KL strength) the aligned model was trained at, e.g. 5000 for "
+        "Diffusion-DPO. Only used to show the emulated β/λ; 0 = unknown."))
+
+
+def schema(node_id, display_name, description, inputs, outputs, **flags):
+    """A DeRaDiff node's V3 schema: the pack's category and search words on every node."""
+    return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                     inputs=inputs, outputs=outputs, **flags, **search_aliases(*SEARCH_ALIASES))
 
 
 class NodeInputError(ValueError):
@@ -143,22 +170,27 @@ def emulated_beta_text(beta, lam: float) -> str:
     return f"λ = {lam:g}: emulates β/λ = {fmt_number(beta / lam)} (trained at β = {beta:g})"
 
 
-def sampler_inputs():
-    """KSampler's own inputs, same names and ranges, so DeRaDiff nodes are drop-in."""
+def conditioning_inputs():
+    return [io.Conditioning.Input("positive", tooltip="What to include in the image (used by both models)."),
+            io.Conditioning.Input("negative", tooltip="What to exclude from the image (used by both models).")]
+
+
+def sampler_inputs(names=None):
+    """KSampler's own inputs, same names and ranges, so DeRaDiff nodes are drop-in (``names``: a subset, in order)."""
     import comfy.samplers
-    return {
-        "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
-                 "tooltip": "The random seed used for creating the noise."}),
-        "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
-                  "tooltip": "The number of denoising steps."}),
-        "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                  "tooltip": "Classifier-free guidance scale, applied to each model "
-                             "separately before the two are mixed."}),
-        "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm. Every ComfyUI sampler works."}),
-        "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "The noise schedule."}),
-        "positive": ("CONDITIONING", {"tooltip": "What to include in the image (used by both models)."}),
-        "negative": ("CONDITIONING", {"tooltip": "What to exclude from the image (used by both models)."}),
-        "latent_image": ("LATENT", {"tooltip": "The latent image to denoise."}),
-        "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                      "tooltip": "The amount of denoising; below 1 keeps the input's structure (img2img)."}),
-    }
+    inputs = [
+        io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                     tooltip="The random seed used for creating the noise."),
+        io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The number of denoising steps."),
+        io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale, applied to each model "
+                               "separately before the two are mixed."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                       tooltip="The sampling algorithm. Every ComfyUI sampler works."),
+        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="The noise schedule."),
+        *conditioning_inputs(),
+        io.Latent.Input("latent_image", tooltip="The latent image to denoise."),
+        io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="The amount of denoising; below 1 keeps the input's structure (img2img)."),
+    ]
+    return inputs if names is None else [i for i in inputs if i.id in names]

@@ -11,9 +11,10 @@ import comfy.lora_convert
 import comfy.sd
 import comfy.utils
 import folder_paths
+from comfy_api.latest import io
 
 from ..sampler.pair import PairError, describe, make_pair
-from .common import BETA_INPUT, CATEGORY, PAIR_TYPE, NodeInputError, check_number
+from .common import NodeInputError, Pair, beta_input, check_number, schema
 
 log = logging.getLogger("DeRaDiff")
 
@@ -70,79 +71,73 @@ def _full_path(node, input_name, folder, name):
     return path
 
 
-class DeRaDiffLoadAlignedPair:
+class DeRaDiffLoadAlignedPair(io.ComfyNode):
     NODE = "Load Aligned Model Pair (DeRaDiff)"
-    DESCRIPTION = ("Loads a reference checkpoint and a model aligned from it (DPO, SPO, KTO, MaPO, "
-                   "reward fine-tune) as a DeRaDiff pair. The aligned model can be a full checkpoint "
-                   "or a diffusion-model-only file (original or diffusers layout).")
-    RETURN_TYPES = (PAIR_TYPE, "CLIP", "VAE")
-    RETURN_NAMES = ("pair", "CLIP", "VAE")
-    OUTPUT_TOOLTIPS = ("The reference and aligned models, for DeRaDiff KSampler / Guider.",
-                       "The reference checkpoint's text encoder.",
-                       "The reference checkpoint's VAE.")
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
+    ABOUT = ("Loads a reference checkpoint and a model aligned from it (DPO, SPO, KTO, MaPO, "
+             "reward fine-tune) as a DeRaDiff pair. The aligned model can be a full checkpoint "
+             "or a diffusion-model-only file (original or diffusers layout).")
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "reference_ckpt_name": (folder_paths.get_filename_list("checkpoints"), {
-                    "tooltip": "The reference (base) checkpoint, from models/checkpoints. Its CLIP "
-                               "and VAE are used for both models."}),
-                "aligned_model": (aligned_model_choices(), {
-                    "tooltip": "The aligned model: a full checkpoint (checkpoints/...), a "
-                               "diffusion-model-only file or diffusers UNet folder from "
-                               "models/diffusion_models or models/unet (diffusion_models/...), e.g. "
-                               "Diffusion-DPO's UNet, or a LoRA / weight difference on the reference "
-                               "(loras/...), e.g. an SPO or DPO LoRA. LoRAs share the reference's "
-                               "weights: no second copy of the model in memory."}),
-            },
-            "optional": {
-                "beta": BETA_INPUT,
-                "lora_strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                            "tooltip": "Only for a LoRA aligned_model: its strength on the "
-                                                       "reference (1 = as trained)."}),
-            },
-        }
+    def define_schema(cls):
+        return schema("DeRaDiffLoadAlignedPair", cls.NODE, cls.ABOUT, [
+            io.Combo.Input("reference_ckpt_name", options=folder_paths.get_filename_list("checkpoints"), tooltip=(
+                "The reference (base) checkpoint, from models/checkpoints. Its CLIP "
+                "and VAE are used for both models.")),
+            io.Combo.Input("aligned_model", options=aligned_model_choices(), tooltip=(
+                "The aligned model: a full checkpoint (checkpoints/...), a "
+                "diffusion-model-only file or diffusers UNet folder from "
+                "models/diffusion_models or models/unet (diffusion_models/...), e.g. "
+                "Diffusion-DPO's UNet, or a LoRA / weight difference on the reference "
+                "(loras/...), e.g. an SPO or DPO LoRA. LoRAs share the reference's "
+                "weights: no second copy of the model in memory.")),
+            beta_input(),
+            io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01, optional=True, tooltip=(
+                "Only for a LoRA aligned_model: its strength on the reference (1 = as trained).")),
+        ], [
+            Pair.Output(display_name="pair", tooltip="The reference and aligned models, for DeRaDiff KSampler / Guider."),
+            io.Clip.Output(display_name="CLIP", tooltip="The reference checkpoint's text encoder."),
+            io.Vae.Output(display_name="VAE", tooltip="The reference checkpoint's VAE."),
+        ])
 
-    def load(self, reference_ckpt_name, aligned_model, beta=0.0, lora_strength=1.0):
-        beta = check_number(self.NODE, "beta", beta, 0.0)
-        lora_strength = check_number(self.NODE, "lora_strength", lora_strength)
-        ref_path = _full_path(self.NODE, "reference_ckpt_name", "checkpoints", reference_ckpt_name)
+    @classmethod
+    def execute(cls, reference_ckpt_name, aligned_model, beta=0.0, lora_strength=1.0):
+        beta = check_number(cls.NODE, "beta", beta, 0.0)
+        lora_strength = check_number(cls.NODE, "lora_strength", lora_strength)
+        ref_path = _full_path(cls.NODE, "reference_ckpt_name", "checkpoints", reference_ckpt_name)
         try:
             reference, clip, vae = comfy.sd.load_checkpoint_guess_config(
                 ref_path, output_vae=True, output_clip=True,
                 embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
         except Exception as e:
-            raise NodeInputError(self.NODE, "reference_ckpt_name", f"could not load '{reference_ckpt_name}': {e}") from e
-        aligned = self._load_aligned(aligned_model, reference, lora_strength)
+            raise NodeInputError(cls.NODE, "reference_ckpt_name", f"could not load '{reference_ckpt_name}': {e}") from e
+        aligned = cls._load_aligned(aligned_model, reference, lora_strength)
         try:
             pair = make_pair(reference, aligned, beta, reference_ckpt_name, aligned_model)
         except PairError as e:
-            raise NodeInputError(self.NODE, "aligned_model", str(e)) from None
-        return (pair, clip, vae)
+            raise NodeInputError(cls.NODE, "aligned_model", str(e)) from None
+        return io.NodeOutput(pair, clip, vae)
 
-    def _load_aligned(self, aligned_model, reference, lora_strength=1.0):
+    @classmethod
+    def _load_aligned(cls, aligned_model, reference, lora_strength=1.0):
         dtype = {"dtype": reference.model_dtype()}  # fp32 releases load at the reference's dtype
         if aligned_model.startswith(CHECKPOINT_PREFIX):
             name = aligned_model[len(CHECKPOINT_PREFIX):]
-            path = _full_path(self.NODE, "aligned_model", "checkpoints", name)
+            path = _full_path(cls.NODE, "aligned_model", "checkpoints", name)
             load = lambda: comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False,
                                                                   model_options=dtype)[0]
         elif aligned_model.startswith(DIFFUSION_MODEL_PREFIX) and aligned_model.endswith("/"):
             name = aligned_model[len(DIFFUSION_MODEL_PREFIX):]
-            load = lambda: self._load_diffusers_folder(name, dtype)
+            load = lambda: cls._load_diffusers_folder(name, dtype)
         elif aligned_model.startswith(DIFFUSION_MODEL_PREFIX):
             name = aligned_model[len(DIFFUSION_MODEL_PREFIX):]
-            path = _full_path(self.NODE, "aligned_model", "diffusion_models", name)
+            path = _full_path(cls.NODE, "aligned_model", "diffusion_models", name)
             load = lambda: comfy.sd.load_diffusion_model(path, model_options=dtype)
         elif aligned_model.startswith(LORA_PREFIX):
             name = aligned_model[len(LORA_PREFIX):]
-            path = _full_path(self.NODE, "aligned_model", "loras", name)
-            return self._apply_lora(reference, name, path, lora_strength)
+            path = _full_path(cls.NODE, "aligned_model", "loras", name)
+            return cls._apply_lora(reference, name, path, lora_strength)
         else:
-            raise NodeInputError(self.NODE, "aligned_model",
+            raise NodeInputError(cls.NODE, "aligned_model",
                                  f"'{aligned_model}' must start with '{CHECKPOINT_PREFIX}', "
                                  f"'{DIFFUSION_MODEL_PREFIX}' or '{LORA_PREFIX}'")
         try:
@@ -150,52 +145,54 @@ class DeRaDiffLoadAlignedPair:
         except NodeInputError:
             raise
         except Exception as e:
-            raise NodeInputError(self.NODE, "aligned_model", f"could not load '{name}': {e}") from e
+            raise NodeInputError(cls.NODE, "aligned_model", f"could not load '{name}': {e}") from e
         if model is None:
-            raise NodeInputError(self.NODE, "aligned_model", f"'{name}' holds no diffusion model ComfyUI recognises")
+            raise NodeInputError(cls.NODE, "aligned_model", f"'{name}' holds no diffusion model ComfyUI recognises")
         return model
 
-    def _load_diffusers_folder(self, folder, model_options):
+    @classmethod
+    def _load_diffusers_folder(cls, folder, model_options):
         shards = sorted(f for f in folder_paths.get_filename_list("diffusion_models")
                         if f.replace(os.sep, "/").startswith(folder)
                         and os.path.basename(f).startswith(DIFFUSERS_WEIGHTS) and f.endswith(".safetensors")
                         and "/" not in f.replace(os.sep, "/")[len(folder):])
         if not shards:
-            raise NodeInputError(self.NODE, "aligned_model", f"no {DIFFUSERS_WEIGHTS}*.safetensors in '{folder}'")
+            raise NodeInputError(cls.NODE, "aligned_model", f"no {DIFFUSERS_WEIGHTS}*.safetensors in '{folder}'")
         sd = {}
         for shard in shards:
             sd.update(comfy.utils.load_torch_file(folder_paths.get_full_path("diffusion_models", shard), safe_load=True))
         model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options)
         if model is None:
-            raise NodeInputError(self.NODE, "aligned_model", f"'{folder}' holds no diffusers UNet ComfyUI recognises")
+            raise NodeInputError(cls.NODE, "aligned_model", f"'{folder}' holds no diffusers UNet ComfyUI recognises")
         return model
 
-    def _apply_lora(self, reference, name, path, strength):
+    @classmethod
+    def _apply_lora(cls, reference, name, path, strength):
         """Reference + LoRA, as LoraLoader builds it (so it takes the shared-weight path)."""
         try:
             lora = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(path, safe_load=True))
         except Exception as e:
-            raise NodeInputError(self.NODE, "aligned_model", f"could not read LoRA '{name}': {e}") from e
+            raise NodeInputError(cls.NODE, "aligned_model", f"could not read LoRA '{name}': {e}") from e
         key_map = comfy.lora.model_lora_keys_unet(reference.model, {})
         loaded = comfy.lora.load_lora(lora, key_map, log_missing=False)
         layers = lora_unet_layers(lora)
         if loaded and len(loaded) < 0.5 * len(layers):
             raise NodeInputError(
-                self.NODE, "aligned_model",
+                cls.NODE, "aligned_model",
                 f"the LoRA '{name}' matches only {len(loaded)} of its {len(layers)} UNet layers to the "
                 f"reference ({describe(reference)}); it is for another model family or architecture "
                 "(an SDXL LoRA on SD1.5, or the reverse).")
         if not loaded:
             sample = ", ".join(sorted(lora)[:3])
             raise NodeInputError(
-                self.NODE, "aligned_model",
+                cls.NODE, "aligned_model",
                 f"the LoRA '{name}' matches none of the reference's layers ({describe(reference)}); its "
                 f"{len(lora)} keys look like: {sample}. Is it for another model family (an SDXL LoRA on "
                 "SD1.5, or the reverse), or a text-encoder-only LoRA?")
-        inert = self._inert_patches(reference, loaded)
+        inert = cls._inert_patches(reference, loaded)
         if len(inert) == len(loaded):
             raise NodeInputError(
-                self.NODE, "aligned_model",
+                cls.NODE, "aligned_model",
                 f"the LoRA '{name}' names layers of the reference ({describe(reference)}) but none of its "
                 f"{len(loaded)} updates fits their shapes (e.g. {inert[0]}); it is for another model family "
                 "or architecture.")
@@ -230,35 +227,29 @@ class DeRaDiffLoadAlignedPair:
         return inert
 
 
-class DeRaDiffMakePair:
+class DeRaDiffMakePair(io.ComfyNode):
     NODE = "Make Aligned Model Pair (DeRaDiff)"
-    DESCRIPTION = ("Makes a DeRaDiff pair from two MODEL inputs, so any loader (LoRA loaders, "
-                   "quantised loaders, merges) can feed DeRaDiff.")
-    RETURN_TYPES = (PAIR_TYPE,)
-    RETURN_NAMES = ("pair",)
-    OUTPUT_TOOLTIPS = ("The reference and aligned models, for DeRaDiff KSampler / Guider.",)
-    FUNCTION = "make"
-    CATEGORY = CATEGORY
+    ABOUT = ("Makes a DeRaDiff pair from two MODEL inputs, so any loader (LoRA loaders, "
+             "quantised loaders, merges) can feed DeRaDiff.")
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "reference": ("MODEL", {"tooltip": "The reference (base) model."}),
-                "aligned": ("MODEL", {"tooltip": "The model aligned from the reference, e.g. the "
-                                                 "reference through a LoraLoader with a DPO LoRA."}),
-            },
-            "optional": {"beta": BETA_INPUT},
-        }
+    def define_schema(cls):
+        return schema("DeRaDiffMakePair", cls.NODE, cls.ABOUT, [
+            io.Model.Input("reference", tooltip="The reference (base) model."),
+            io.Model.Input("aligned", tooltip="The model aligned from the reference, e.g. the "
+                                              "reference through a LoraLoader with a DPO LoRA."),
+            beta_input(),
+        ], [Pair.Output(display_name="pair", tooltip="The reference and aligned models, for DeRaDiff KSampler / Guider.")])
 
-    def make(self, reference, aligned, beta=0.0):
-        beta = check_number(self.NODE, "beta", beta, 0.0)
+    @classmethod
+    def execute(cls, reference, aligned, beta=0.0):
+        beta = check_number(cls.NODE, "beta", beta, 0.0)
         for name, value in (("reference", reference), ("aligned", aligned)):
             if not (hasattr(value, "clone") and hasattr(value, "model")):  # a MODEL is a ModelPatcher
-                raise NodeInputError(self.NODE, name, f"expected a MODEL (connect a checkpoint or UNet loader), "
+                raise NodeInputError(cls.NODE, name, f"expected a MODEL (connect a checkpoint or UNet loader), "
                                      f"got {type(value).__name__} {str(value)[:40]!r}")
         try:
             pair = make_pair(reference, aligned, beta, "reference", "aligned")
         except PairError as e:
-            raise NodeInputError(self.NODE, "aligned", str(e)) from None
-        return (pair,)
+            raise NodeInputError(cls.NODE, "aligned", str(e)) from None
+        return io.NodeOutput(pair)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 
-from .common import NodeInputError
+from comfy_api.latest import io
 
-PARTICLES_INPUT = ("INT", {
-    "default": 1, "min": 1, "max": 64,
-    "tooltip": "Particle realignment (sequential Monte Carlo): run N particles per image, weight them with the "
+from .common import NodeInputError
+from .v3_features import advanced
+
+PARTICLES_TOOLTIP = ("Particle realignment (sequential Monte Carlo): run N particles per image, weight them with the "
                "closed-form normaliser the per-step mix drops, resample when the effective sample size (ESS) is "
                "low, and return one particle per image, drawn with the final weights. Corrects the mode weights "
                "the plain mix gets wrong when alignment reweights separate modes. Costs N times the model calls "
@@ -17,16 +18,23 @@ PARTICLES_INPUT = ("INT", {
                "selects greedily); the node shows the ESS after each run. The weights carry a step-size error: in a "
                "test world with separated modes, at λ < 1 and 50 steps 32 particles went slightly past the target, "
                "at 100 steps they were within sampling error, so use 50 or more steps. See "
-               "docs/particles.md."})
+               "docs/particles.md.")
 
-RESAMPLE_ESS_INPUT = ("FLOAT", {
-    "default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
-    "tooltip": "Resample when the effective sample size (ESS, between 1 and the number of particles N) falls "
+RESAMPLE_ESS_TOOLTIP = ("Resample when the effective sample size (ESS, between 1 and the number of particles N) falls "
                "below this fraction of N, or below 1 + this value where that is higher: the threshold is "
                "max(resample_ess × N, 1 + resample_ess), so small N resample too (the ESS never drops below 1, "
                "so 0.5 × 2 could never be crossed; at 0.5, 2 particles resample when one holds under about "
                "21 % of the weight, and N >= 4 below N/2 as before). 0.5 is the usual choice; 1 = every step, "
-               "0 = never (importance weights only). Only used when particles > 1."})
+               "0 = never (importance weights only). Only used when particles > 1.")
+
+
+def particles_input(tooltip=PARTICLES_TOOLTIP):
+    return io.Int.Input("particles", default=1, min=1, max=64, optional=True, tooltip=tooltip, **advanced())
+
+
+def resample_ess_input():
+    return io.Float.Input("resample_ess", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
+                          tooltip=RESAMPLE_ESS_TOOLTIP, **advanced())
 
 
 def check_particles(node: str, kwargs, full_pass_every: int = 1):

@@ -2,14 +2,16 @@ from __future__ import annotations
 
 import logging
 
+from comfy_api.latest import io
+
 from ..sampler.guider import DeRaDiffGuider
 from ..sampler.sampling import realigned_ksampler
-from .particle_inputs import PARTICLES_INPUT, RESAMPLE_ESS_INPUT, check_particles
-from .common import (CATEGORY, FULL_PASS_INPUT, LAMBDA_INPUT, check_full_pass_every, PAIR_INPUT, SCHEDULE_INPUT, check_number, check_pair,
-                     check_sampler_inputs, check_sampling_numbers, emulated_beta_text, lambda_or_schedule, sampler_inputs)
+from .common import (check_full_pass_every, check_number, check_pair, check_sampler_inputs, check_sampling_numbers,
+                     conditioning_inputs, emulated_beta_text, full_pass_input, lambda_input, lambda_or_schedule,
+                     pair_input, sampler_inputs, schedule_input, schema)
+from .particle_inputs import check_particles, particles_input, resample_ess_input
 
 log = logging.getLogger("DeRaDiff")
-
 
 
 def _ui_text(pair, lam, schedule_text):
@@ -22,84 +24,69 @@ def _ui(text, schedule_text):
     return {"deradiff": [text], "deradiff_schedule": [schedule_text is not None]}
 
 
-class DeRaDiffKSampler:
+def _expert_inputs():
+    return [schedule_input(), full_pass_input(), particles_input(), resample_ess_input()]
+
+
+class DeRaDiffKSampler(io.ComfyNode):
     NODE = "DeRaDiff KSampler"
-    DESCRIPTION = ("A drop-in KSampler that samples from the geometric mixture of a reference and an "
-                   "aligned model: λ dials the alignment strength at sampling time (emulating a model "
-                   "aligned at β/λ) without retraining.")
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The denoised latent.",)
-    FUNCTION = "sample"
-    CATEGORY = CATEGORY
+    ABOUT = ("A drop-in KSampler that samples from the geometric mixture of a reference and an "
+             "aligned model: λ dials the alignment strength at sampling time (emulating a model "
+             "aligned at β/λ) without retraining.")
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "pair": PAIR_INPUT,
-                "lambda": LAMBDA_INPUT,
-                **sampler_inputs(),
-            },
-            "optional": {"lambda_schedule": SCHEDULE_INPUT, "full_pass_every": FULL_PASS_INPUT,
-                         "particles": PARTICLES_INPUT, "resample_ess": RESAMPLE_ESS_INPUT},
-        }
+    def define_schema(cls):
+        return schema("DeRaDiffKSampler", cls.NODE, cls.ABOUT,
+                      [pair_input(), lambda_input(), *sampler_inputs(), *_expert_inputs()],
+                      [io.Latent.Output(tooltip="The denoised latent.")])
 
-    def sample(self, pair, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-               denoise=1.0, **kwargs):
-        check_pair(self.NODE, pair)
-        lam, schedule_text = lambda_or_schedule(self.NODE, kwargs)
-        cfg, denoise = check_sampling_numbers(self.NODE, cfg, denoise)
-        check_sampler_inputs(self.NODE, positive, negative, latent_image)
-        every = check_full_pass_every(self.NODE, kwargs.get("full_pass_every", 1))
+    @classmethod
+    def execute(cls, pair, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                denoise=1.0, **kwargs):
+        check_pair(cls.NODE, pair)
+        lam, schedule_text = lambda_or_schedule(cls.NODE, kwargs)
+        cfg, denoise = check_sampling_numbers(cls.NODE, cfg, denoise)
+        check_sampler_inputs(cls.NODE, positive, negative, latent_image)
+        every = check_full_pass_every(cls.NODE, kwargs.get("full_pass_every", 1))
         text = _ui_text(pair, lam, schedule_text)
         log.info("DeRaDiff KSampler: %s", text)
-        particles, resample_below = check_particles(self.NODE, kwargs, every)
+        particles, resample_below = check_particles(cls.NODE, kwargs, every)
         if particles > 1:
             from ..sampler.particle_sampler import particle_ksampler
             out, state = particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                           latent_image, denoise, particles, resample_below, self.NODE)
+                                           latent_image, denoise, particles, resample_below, cls.NODE)
             ui = _ui(text, schedule_text)
             ui["deradiff_particles"] = [state.summary_text()]
-            return {"ui": ui, "result": (out,)}
+            return io.NodeOutput(out, ui=ui)
         out = realigned_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                  latent_image, denoise, full_pass_every=every)
-        return {"ui": _ui(text, schedule_text), "result": (out,)}
+        return io.NodeOutput(out, ui=_ui(text, schedule_text))
 
 
-class DeRaDiffGuiderNode:
+class DeRaDiffGuiderNode(io.ComfyNode):
     NODE = "DeRaDiff Guider"
-    DESCRIPTION = ("DeRaDiff realignment as a GUIDER for SamplerCustomAdvanced, so custom sigmas, "
-                   "samplers and noise work too.")
-    RETURN_TYPES = ("GUIDER",)
-    OUTPUT_TOOLTIPS = ("A guider that mixes the pair's two models with weight λ.",)
-    FUNCTION = "get_guider"
-    CATEGORY = CATEGORY
+    ABOUT = ("DeRaDiff realignment as a GUIDER for SamplerCustomAdvanced, so custom sigmas, "
+             "samplers and noise work too.")
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "pair": PAIR_INPUT,
-                "positive": ("CONDITIONING", {"tooltip": "What to include in the image (used by both models)."}),
-                "negative": ("CONDITIONING", {"tooltip": "What to exclude from the image (used by both models)."}),
-                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Classifier-free guidance scale, applied to each model separately."}),
-                "lambda": LAMBDA_INPUT,
-            },
-            "optional": {"lambda_schedule": SCHEDULE_INPUT, "full_pass_every": FULL_PASS_INPUT,
-                         "particles": PARTICLES_INPUT, "resample_ess": RESAMPLE_ESS_INPUT},
-        }
+    def define_schema(cls):
+        cfg = io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                             tooltip="Classifier-free guidance scale, applied to each model separately.")
+        return schema("DeRaDiffGuider", cls.NODE, cls.ABOUT,
+                      [pair_input(), *conditioning_inputs(), cfg, lambda_input(), *_expert_inputs()],
+                      [io.Guider.Output(tooltip="A guider that mixes the pair's two models with weight λ.")])
 
-    def get_guider(self, pair, positive, negative, cfg, **kwargs):
-        check_pair(self.NODE, pair)
-        lam, schedule_text = lambda_or_schedule(self.NODE, kwargs)
-        cfg = check_number(self.NODE, "cfg", cfg)
-        check_sampler_inputs(self.NODE, positive, negative)
-        every = check_full_pass_every(self.NODE, kwargs.get("full_pass_every", 1))
-        particles, resample_below = check_particles(self.NODE, kwargs, every)
+    @classmethod
+    def execute(cls, pair, positive, negative, cfg, **kwargs):
+        check_pair(cls.NODE, pair)
+        lam, schedule_text = lambda_or_schedule(cls.NODE, kwargs)
+        cfg = check_number(cls.NODE, "cfg", cfg)
+        check_sampler_inputs(cls.NODE, positive, negative)
+        every = check_full_pass_every(cls.NODE, kwargs.get("full_pass_every", 1))
+        particles, resample_below = check_particles(cls.NODE, kwargs, every)
         if particles > 1:  # the particle loop replaces the SAMPLER given to SamplerCustomAdvanced at run time
             from ..sampler.particle_sampler import ParticleGuider
-            guider = ParticleGuider(pair, lam, cfg, particles, resample_below, self.NODE)
+            guider = ParticleGuider(pair, lam, cfg, particles, resample_below, cls.NODE)
         else:
             guider = DeRaDiffGuider(pair, lam, cfg, every)
         guider.set_conds(positive, negative)
@@ -107,4 +94,4 @@ class DeRaDiffGuiderNode:
         if particles > 1:
             ui["deradiff_particles"] = [f"{particles} particles per image (needs an euler_ancestral SAMPLER "
                                         "with eta 1 and s_noise 1, or ddpm); ESS in the log"]
-        return {"ui": ui, "result": (guider,)}
+        return io.NodeOutput(guider, ui=ui)

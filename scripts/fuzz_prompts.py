@@ -118,6 +118,8 @@ def random_lambda_list(rng: random.Random) -> str:
 def random_value(rng: random.Random, name: str, spec, combo_choices=None):
     """A random value for input ``name`` whose /object_info spec is ``spec``."""
     kind = spec[0] if spec else None
+    if kind == "COMBO":  # V3 nodes' combo layout: ("COMBO", {"options": [...]})
+        kind = spec[1]["options"]
     if name in SMALL_INT:
         return rng.choice(SMALL_INT[name] + WRONG_TYPES[:3])
     if isinstance(kind, list):  # combo

@@ -191,6 +191,12 @@ class ServerClient:
                 return
 
 
+def combo_choices(spec: list) -> list:
+    """The choices of a combo input in /object_info: V3 nodes write ("COMBO", {"options": [...]}),
+    V1 nodes ([...], {})."""
+    return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+
+
 def _ends_prompt(msg: dict, prompt_id: str) -> bool:
     data = msg.get("data") or {}
     if data.get("prompt_id") != prompt_id:

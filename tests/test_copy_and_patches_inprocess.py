@@ -24,8 +24,8 @@ def sd15(comfy, pack):
 
 
 def realign(pack, pair, lam, s, seed=5, steps=STEPS):
-    return pack.nodes.DeRaDiffKSampler().sample(pair, seed, steps, 5.0, "euler", "normal", s["pos"], s["neg"],
-                                                s["latent"], 1.0, **{"lambda": lam})["result"][0]["samples"]
+    return pack.nodes.DeRaDiffKSampler.execute(pair, seed, steps, 5.0, "euler", "normal", s["pos"], s["neg"],
+                                                s["latent"], 1.0, **{"lambda": lam}).result[0]["samples"]
 
 
 def alone(model, s, seed=5, steps=STEPS):
@@ -33,7 +33,7 @@ def alone(model, s, seed=5, steps=STEPS):
 
 
 def make_pair(pack, ref, aligned):
-    return pack.nodes.DeRaDiffMakePair().make(ref, aligned)[0]
+    return pack.nodes.DeRaDiffMakePair.execute(ref, aligned)[0]
 
 
 def rel_err(a, b) -> float:
@@ -362,7 +362,7 @@ def test_lora_factor_device_copies_are_dropped_after_sampling(comfy, sd15, pack,
     try:
         hook_type._weights = spy
         realign(pack, pair, 0.5, sd15)
-        model = pack.nodes.DeRaDiffRealignModel().realign(pair, **{"lambda": 0.5})[0]
+        model = pack.nodes.DeRaDiffRealignModel.execute(pair, **{"lambda": 0.5})[0]
         alone(model, sd15)
     finally:
         hook_type._weights = original

@@ -23,13 +23,13 @@ def sd15(comfy, pack):
 def realign(pack, pair, lam, s, latent=None, sampler="euler", scheduler="normal", seed=7, steps=STEPS,
             cfg=5.0, denoise=1.0):
     node = pack.nodes.DeRaDiffKSampler()
-    out = node.sample(pair, seed, steps, cfg, sampler, scheduler, s["pos"], s["neg"],
-                      latent or s["latent"], denoise, **{"lambda": lam})
-    return out["result"][0]["samples"]
+    out = node.execute(pair, seed, steps, cfg, sampler, scheduler, s["pos"], s["neg"],
+                       latent or s["latent"], denoise, **{"lambda": lam})
+    return out.result[0]["samples"]
 
 
 def make_pair(pack, ref, aligned, beta=0.0):
-    return pack.nodes.DeRaDiffMakePair().make(ref, aligned, beta)[0]
+    return pack.nodes.DeRaDiffMakePair.execute(ref, aligned, beta)[0]
 
 
 def test_stand_ins_really_differ(sd15):
@@ -131,8 +131,8 @@ def test_gaussian_pair_gives_exactly_the_gaussian_aligned_at_beta_over_lambda(co
     latent = {"samples": torch.zeros(2, 4, 8, 8)}
     for sampler in ("euler", "euler_ancestral", "dpmpp_2m"):
         for lam in (0.5, 1.5, 3.0):
-            got = pack.nodes.DeRaDiffKSampler().sample(pair, 11, 6, 1.0, sampler, "karras", cond, cond, latent,
-                                                       1.0, **{"lambda": lam})["result"][0]["samples"]
+            got = pack.nodes.DeRaDiffKSampler.execute(pair, 11, 6, 1.0, sampler, "karras", cond, cond, latent,
+                                                       1.0, **{"lambda": lam}).result[0]["samples"]
             truth_model = aligned_at(beta / lam)
             want = ksampler(truth_model, latent, cond, cond, seed=11, steps=6, cfg=1.0, sampler=sampler,
                             scheduler="karras")
@@ -247,8 +247,8 @@ def test_incompatible_pairs_are_refused_with_both_names(comfy, pack):
     sd_ref = load_checkpoint("sd15_reference.safetensors")[0]
     xl = load_unet("sdxl_aligned_unet.safetensors")
     with pytest.raises(NodeInputError) as e:
-        pack.nodes.DeRaDiffLoadAlignedPair().load("sd15_reference.safetensors",
-                                                  "diffusion_models/sdxl_aligned_unet.safetensors")
+        pack.nodes.DeRaDiffLoadAlignedPair.execute("sd15_reference.safetensors",
+                                                   "diffusion_models/sdxl_aligned_unet.safetensors")
     msg = str(e.value)
     assert "sd15_reference.safetensors" in msg and "sdxl_aligned_unet.safetensors" in msg
     assert "SD15" in msg and "KOALA_700M" in msg and "aligned_model" in msg
@@ -276,7 +276,7 @@ def test_bad_lambda_names_node_and_input(sd15, pack, bad):
 def test_diffusers_layout_unet_loads_as_the_aligned_model(comfy, sd15, pack):
     from conftest import ensure_standin
     ensure_standin("diffusion_models/sd15_aligned_diffusers_unet.safetensors")
-    pair = pack.nodes.DeRaDiffLoadAlignedPair().load(
+    pair = pack.nodes.DeRaDiffLoadAlignedPair.execute(
         "sd15_reference.safetensors", "diffusion_models/sd15_aligned_diffusers_unet.safetensors", 5000.0)[0]
     assert type(pair.aligned.model.model_config).__name__ == "SD15"
     assert pair.beta == 5000.0
@@ -306,14 +306,14 @@ def test_lambda_0_follows_core_ksampler_latent_handling(sd15, pack, monkeypatch,
     want = nodes.KSampler().sample(sd15["ref"], 7, STEPS, 5.0, "euler_ancestral", "normal", sd15["pos"], sd15["neg"],
                                    latent, denoise=1.0)[0]
     runs = {
-        "DeRaDiffKSampler": pack.nodes.DeRaDiffKSampler().sample(
+        "DeRaDiffKSampler": pack.nodes.DeRaDiffKSampler.execute(
             pair, 7, STEPS, 5.0, "euler_ancestral", "normal", sd15["pos"], sd15["neg"], latent, 1.0,
-            **{"lambda": 0.0})["result"][0],
-        "DeRaDiffLambdaSweep": pack.nodes.DeRaDiffLambdaSweep().sweep(
+            **{"lambda": 0.0}).result[0],
+        "DeRaDiffLambdaSweep": pack.nodes.DeRaDiffLambdaSweep.execute(
             pair, "0", 7, STEPS, 5.0, "euler_ancestral", "normal", sd15["pos"], sd15["neg"], latent, 1.0)[0],
-        "particles": pack.nodes.DeRaDiffKSampler().sample(
+        "particles": pack.nodes.DeRaDiffKSampler.execute(
             pair, 7, STEPS, 5.0, "euler_ancestral", "normal", sd15["pos"], sd15["neg"], latent, 1.0,
-            **{"lambda": 0.0, "particles": 2})["result"][0],
+            **{"lambda": 0.0, "particles": 2}).result[0],
     }
     for name, got in runs.items():
         assert sorted(got) == sorted(want), name

@@ -20,7 +20,7 @@ def sd15(comfy, pack):
 
 
 def make_pair(pack, ref, aligned):
-    return pack.nodes.DeRaDiffMakePair().make(ref, aligned, 0.0)[0]
+    return pack.nodes.DeRaDiffMakePair.execute(ref, aligned, 0.0)[0]
 
 
 def recording(patcher, log, name):
@@ -35,9 +35,9 @@ def recording(patcher, log, name):
 
 def run(s, pair, lam, every=None, sampler="euler", steps=STEPS, seed=5):
     extra = {} if every is None else {"full_pass_every": every}
-    out = s["pack"].nodes.DeRaDiffKSampler().sample(pair, seed, steps, 5.0, sampler, "normal", s["pos"], s["neg"],
-                                                    s["latent"], 1.0, **{"lambda": lam}, **extra)
-    return out["result"][0]["samples"]
+    out = s["pack"].nodes.DeRaDiffKSampler.execute(pair, seed, steps, 5.0, sampler, "normal", s["pos"], s["neg"],
+                                                   s["latent"], 1.0, **{"lambda": lam}, **extra)
+    return out.result[0]["samples"]
 
 
 def sigmas_of(s, steps=STEPS, sampler="euler"):
@@ -135,7 +135,7 @@ def test_heun_corrector_runs_both_models(sd15, sampler, path):
         if path == "ksampler":
             run(sd15, pair, lam, every=every, sampler=sampler)
         else:
-            model = pack.nodes.DeRaDiffRealignModel().realign(pair, **{"lambda": lam, "full_pass_every": every})[0]
+            model = pack.nodes.DeRaDiffRealignModel.execute(pair, **{"lambda": lam, "full_pass_every": every})[0]
             ksampler(model, sd15["latent"], sd15["pos"], sd15["neg"], seed=5, steps=STEPS, sampler=sampler)
     assert calls == [STEPS + len(correctors), len(want_aligned)]
     if path == "ksampler":  # the aligned model's own post-CFG hook sees each of its evaluations' sigma
@@ -160,13 +160,13 @@ def test_realign_model_and_guider_node_agree_with_the_ksampler(sd15, lam, sample
     import comfy.sample
     pack, pair = sd15["pack"], make_pair(sd15["pack"], sd15["ref"], sd15["aligned"])
     want = run(sd15, pair, lam, every=2, sampler=sampler)
-    model = pack.nodes.DeRaDiffRealignModel().realign(pair, **{"lambda": lam, "full_pass_every": 2})[0]
+    model = pack.nodes.DeRaDiffRealignModel.execute(pair, **{"lambda": lam, "full_pass_every": 2})[0]
     with count_unet_calls(sd15["ref"], sd15["aligned"]) as calls:
         got = ksampler(model, sd15["latent"], sd15["pos"], sd15["neg"], seed=5, steps=STEPS, sampler=sampler)
     assert sum(calls) == STEPS + 3  # steps 0, 2 and 4 run both
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
-    guider = pack.nodes.DeRaDiffGuiderNode().get_guider(pair, sd15["pos"], sd15["neg"], 5.0,
-                                                        **{"lambda": lam, "full_pass_every": 2})["result"][0]
+    guider = pack.nodes.DeRaDiffGuiderNode.execute(pair, sd15["pos"], sd15["neg"], 5.0,
+                                                        **{"lambda": lam, "full_pass_every": 2}).result[0]
     latent = sd15["latent"]["samples"]
     noise = comfy.sample.prepare_noise(latent, 5)
     from comfyui_deradiff.sampler.sampling import ksampler_sigmas
@@ -178,7 +178,7 @@ def test_realign_model_and_guider_node_agree_with_the_ksampler(sd15, lam, sample
 def test_sweep_with_reuse_equals_separate_runs_and_splits_passes_by_side(sd15):
     pack, pair = sd15["pack"], make_pair(sd15["pack"], sd15["ref"], sd15["aligned"])
     lambdas = [0.0, 0.3, 0.7, 1.0, 1.5]
-    latents = pack.nodes.DeRaDiffLambdaSweep().sweep(pair, ", ".join(map(str, lambdas)), 5, STEPS, 5.0,
+    latents = pack.nodes.DeRaDiffLambdaSweep.execute(pair, ", ".join(map(str, lambdas)), 5, STEPS, 5.0,
                                                      "euler_ancestral", "normal", sd15["pos"], sd15["neg"],
                                                      sd15["latent"], 1.0, 0, 3)[0]["samples"]
     for i, lam in enumerate(lambdas):

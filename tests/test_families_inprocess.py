@@ -93,13 +93,13 @@ def fam(request, comfy, pack):
 
 
 def make_pair(pack, ref, aligned):
-    return pack.nodes.DeRaDiffMakePair().make(ref, aligned, 0.0)[0]
+    return pack.nodes.DeRaDiffMakePair.execute(ref, aligned, 0.0)[0]
 
 
 def deradiff(pack, f, pair, lam, latent=None, pos=None):
-    out = pack.nodes.DeRaDiffKSampler().sample(pair, SEED, STEPS, f["cfg"], "euler", "normal", pos or f["pos"],
-                                               f["neg"], latent or f["latent"], 1.0, **{"lambda": lam})
-    return out["result"][0]["samples"]
+    out = pack.nodes.DeRaDiffKSampler.execute(pair, SEED, STEPS, f["cfg"], "euler", "normal", pos or f["pos"],
+                                              f["neg"], latent or f["latent"], 1.0, **{"lambda": lam})
+    return out.result[0]["samples"]
 
 
 def plain(f, model, pos=None):
@@ -185,7 +185,7 @@ def test_reference_plus_lora_shared_weights_equals_the_merged_pair(fam, pack):
 def test_lambda_sweep_equals_separate_runs(fam, pack):
     pair = make_pair(pack, fam["ref_model"], fam["aligned_model"])
     lambdas = (0.0, 0.5, 1.5)
-    swept = pack.nodes.DeRaDiffLambdaSweep().sweep(pair, ", ".join(map(str, lambdas)), SEED, STEPS, fam["cfg"],
+    swept = pack.nodes.DeRaDiffLambdaSweep.execute(pair, ", ".join(map(str, lambdas)), SEED, STEPS, fam["cfg"],
                                                    "euler", "normal", fam["pos"], fam["neg"], fam["latent"])[0]
     swept = swept["samples"]
     assert swept.shape[0] == len(lambdas)

@@ -21,11 +21,11 @@ def sd15(comfy, pack):
 
 
 def run(s, reference, aligned, lam, sampler="euler", every=1, latent=None):
-    pair = s["pack"].nodes.DeRaDiffMakePair().make(reference, aligned, 0.0)[0]
-    out = s["pack"].nodes.DeRaDiffKSampler().sample(pair, 3, STEPS, 5.0, sampler, "normal", s["pos"], s["neg"],
-                                                    latent or s["latent"], 1.0,
-                                                    **{"lambda": lam, "full_pass_every": every})
-    return out["result"][0]["samples"]
+    pair = s["pack"].nodes.DeRaDiffMakePair.execute(reference, aligned, 0.0)[0]
+    out = s["pack"].nodes.DeRaDiffKSampler.execute(pair, 3, STEPS, 5.0, sampler, "normal", s["pos"], s["neg"],
+                                                   latent or s["latent"], 1.0,
+                                                   **{"lambda": lam, "full_pass_every": every})
+    return out.result[0]["samples"]
 
 
 def two_passes(monkeypatch):
@@ -102,10 +102,10 @@ def test_fused_lora_pair_matches_a_separately_merged_copy(sd15, comfy):
 
 @pytest.mark.parametrize("every", [1, 2])
 def test_realign_model_fuses_the_lora_pair_too(sd15, monkeypatch, every):
-    pair = sd15["pack"].nodes.DeRaDiffMakePair().make(sd15["ref"], sd15["lora"], 0.0)[0]
+    pair = sd15["pack"].nodes.DeRaDiffMakePair.execute(sd15["ref"], sd15["lora"], 0.0)[0]
 
     def sample():
-        model = sd15["pack"].nodes.DeRaDiffRealignModel().realign(pair, **{"lambda": 0.7, "full_pass_every": every})[0]
+        model = sd15["pack"].nodes.DeRaDiffRealignModel.execute(pair, **{"lambda": 0.7, "full_pass_every": every})[0]
         return ksampler(model, sd15["latent"], sd15["pos"], sd15["neg"], seed=3, steps=STEPS, sampler="euler_ancestral")
 
     with count_unet_calls(sd15["ref"]) as fused_calls:

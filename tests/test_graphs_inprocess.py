@@ -43,16 +43,16 @@ def plain(s, model, sampler="euler", cfg=CFG, seed=5, latent=None):
 
 def deradiff(pack, s, pair, lam, sampler="euler", cfg=CFG, seed=5, latent=None, steps=STEPS, schedule=None):
     kwargs = {"lambda": lam} if schedule is None else {"lambda": lam, "lambda_schedule": schedule}
-    return pack.nodes.DeRaDiffKSampler().sample(pair, seed, steps, cfg, sampler, "normal", s["pos"], s["neg"],
-                                                latent or s["latent"], 1.0, **kwargs)["result"][0]["samples"]
+    return pack.nodes.DeRaDiffKSampler.execute(pair, seed, steps, cfg, sampler, "normal", s["pos"], s["neg"],
+                                                latent or s["latent"], 1.0, **kwargs).result[0]["samples"]
 
 
 def make_pair(pack, ref, aligned):
-    return pack.nodes.DeRaDiffMakePair().make(ref, aligned)[0]
+    return pack.nodes.DeRaDiffMakePair.execute(ref, aligned)[0]
 
 
 def realign(pack, pair, lam):
-    return pack.nodes.DeRaDiffRealignModel().realign(pair, **{"lambda": lam})[0]
+    return pack.nodes.DeRaDiffRealignModel.execute(pair, **{"lambda": lam})[0]
 
 
 # -- MODEL patches as core nodes make them ---------------------------------------
@@ -168,7 +168,7 @@ def test_cfg_pp_at_cfg_1_with_disable_cfg1_on_the_reference(sd15, pack):
 
 # -- 5. λ Sweep memory bound ----------------------------------------------------
 def sweep(pack, s, pair, lambdas, sampler="euler", latent=None, max_per_pass=0, seed=5):
-    return pack.nodes.DeRaDiffLambdaSweep().sweep(pair, lambdas, seed, STEPS, CFG, sampler, "normal", s["pos"],
+    return pack.nodes.DeRaDiffLambdaSweep.execute(pair, lambdas, seed, STEPS, CFG, sampler, "normal", s["pos"],
                                                   s["neg"], latent or s["latent"], 1.0,
                                                   max_lambdas_per_pass=max_per_pass)[0]["samples"]
 
@@ -223,8 +223,8 @@ def test_schedule_is_absolute_across_two_stage_sampling(sd15, pack):
     from comfyui_deradiff.sampler.guider import DeRaDiffGuider
     from comfyui_deradiff.sampler.sampling import ksampler_sigmas
     pair = make_pair(pack, sd15["ref"], sd15["aligned"]["separate"])
-    out = pack.nodes.DeRaDiffLambdaSchedule().build("interval", 1.5, 0.0, 0.0, 0.4, 0.0, "", 10)
-    schedule = out["result"][0]
+    out = pack.nodes.DeRaDiffLambdaSchedule.execute("interval", 1.5, 0.0, 0.0, 0.4, 0.0, "", 10)
+    schedule = out.result[0]
     seen = []
     value_at = schedule.value_at
     schedule.value_at = lambda sigma, percent_of=None: seen.append(value_at(sigma, percent_of)) or seen[-1]
@@ -275,7 +275,7 @@ def test_glora_file_is_accepted_and_equals_lora_loader(comfy, sd15, pack):
     name = "test_glora.safetensors"
     save_file(sd, str(STANDIN_DIR / "loras" / name))
     try:
-        pair = pack.nodes.DeRaDiffLoadAlignedPair().load("sd15_reference.safetensors", "loras/" + name, 0.0, 1.0)[0]
+        pair = pack.nodes.DeRaDiffLoadAlignedPair.execute("sd15_reference.safetensors", "loras/" + name, 0.0, 1.0)[0]
         merged = nodes.LoraLoaderModelOnly().load_lora_model_only(pair.reference, name, 1.0)[0]
         got = deradiff(pack, sd15, pair, 1.0)
         close(got, plain(sd15, merged), rtol=2e-3)
@@ -296,7 +296,7 @@ def test_lora_text_encoder_part_is_reported(comfy, sd15, pack, caplog):
     save_file(src, str(STANDIN_DIR / "loras" / name))
     try:
         with caplog.at_level(logging.WARNING):
-            pack.nodes.DeRaDiffLoadAlignedPair().load("sd15_reference.safetensors", "loras/" + name, 0.0, 1.0)
+            pack.nodes.DeRaDiffLoadAlignedPair.execute("sd15_reference.safetensors", "loras/" + name, 0.0, 1.0)
         assert "text-encoder" in caplog.text and name in caplog.text
     finally:
         (STANDIN_DIR / "loras" / name).unlink()

@@ -41,11 +41,11 @@ def far(a, b):
 
 
 def make_pair(pack, ref, aligned):
-    return pack.nodes.DeRaDiffMakePair().make(ref, aligned)[0]
+    return pack.nodes.DeRaDiffMakePair.execute(ref, aligned)[0]
 
 
 def realign(pack, pair, lam):
-    return pack.nodes.DeRaDiffRealignModel().realign(pair, **{"lambda": lam})[0]
+    return pack.nodes.DeRaDiffRealignModel.execute(pair, **{"lambda": lam})[0]
 
 
 def pag(model):
@@ -101,9 +101,9 @@ def test_pag_after_realign_model_is_the_pair_of_pag_models_mixed(sd15, pack, kin
     is DeRaDiff at λ over (PAG on the reference, PAG on the aligned model)."""
     ref, aligned = sd15["ref"], sd15["aligned"][kind]
     got = sample15(sd15, pag(realign(pack, make_pair(pack, ref, aligned), 0.5)))
-    want = pack.nodes.DeRaDiffKSampler().sample(
+    want = pack.nodes.DeRaDiffKSampler.execute(
         make_pair(pack, pag(ref), pag(aligned)), SEED, STEPS, CFG, "euler", "normal", sd15["pos"], sd15["neg"],
-        sd15["latent"], 1.0, **{"lambda": 0.5})["result"][0]["samples"]
+        sd15["latent"], 1.0, **{"lambda": 0.5}).result[0]["samples"]
     close(got, want)
 
 
@@ -148,9 +148,9 @@ def test_skip_layer_guidance_after_realign_model(sd3, pack, node):
     assert far(sample3(sd3, node(ref)), sample3(sd3, ref))  # the node really acts on the stand-in
     close(sample3(sd3, node(realign(pack, pair, 1.0))), want_aligned)
     close(sample3(sd3, node(realign(pack, pair, 0.0))), want_reference)
-    want_half = pack.nodes.DeRaDiffKSampler().sample(
+    want_half = pack.nodes.DeRaDiffKSampler.execute(
         make_pair(pack, node(ref), node(aligned)), SEED, STEPS, 4.0, "euler", "normal", sd3["pos"], sd3["neg"],
-        sd3["latent"], 1.0, **{"lambda": 0.5})["result"][0]["samples"]
+        sd3["latent"], 1.0, **{"lambda": 0.5}).result[0]["samples"]
     close(sample3(sd3, node(realign(pack, pair, 0.5))), want_half)
 
 
@@ -209,9 +209,9 @@ def test_conditioning_hooks_reach_both_models(sd15, pack, hook_conds, kind, path
     def run(lam):
         if path == "RealignModel":
             return sample_hooked(sd15, realign(pack, pair, lam), hook_conds)
-        return pack.nodes.DeRaDiffKSampler().sample(
+        return pack.nodes.DeRaDiffKSampler.execute(
             pair, SEED, STEPS, CFG, "euler", "normal", hook_conds[0], hook_conds[1], sd15["latent"], 1.0,
-            **{"lambda": lam})["result"][0]["samples"]
+            **{"lambda": lam}).result[0]["samples"]
 
     before = sample15(sd15, aligned)
     want_aligned = sample_hooked(sd15, aligned, hook_conds)
@@ -249,11 +249,11 @@ def test_multigpu_clones_never_run_the_aligned_evaluations(sd15, pack, kind):
     else:
         aligned = sd15["aligned"]["separate"]
     pair = make_pair(pack, ref, aligned)
-    want = {lam: pack.nodes.DeRaDiffKSampler().sample(
+    want = {lam: pack.nodes.DeRaDiffKSampler.execute(
         make_pair(pack, sd15["ref"], sd15["aligned"][kind]), SEED, STEPS, CFG, "euler", "normal", sd15["pos"],
-        sd15["neg"], sd15["latent"], 1.0, **{"lambda": lam})["result"][0]["samples"] for lam in (0.5, 1.0)}
+        sd15["neg"], sd15["latent"], 1.0, **{"lambda": lam}).result[0]["samples"] for lam in (0.5, 1.0)}
     for lam in (0.5, 1.0):
         close(sample15(sd15, realign(pack, pair, lam)), want[lam])
-        got = pack.nodes.DeRaDiffKSampler().sample(pair, SEED, STEPS, CFG, "euler", "normal", sd15["pos"], sd15["neg"],
-                                                   sd15["latent"], 1.0, **{"lambda": lam})["result"][0]["samples"]
+        got = pack.nodes.DeRaDiffKSampler.execute(pair, SEED, STEPS, CFG, "euler", "normal", sd15["pos"], sd15["neg"],
+                                                   sd15["latent"], 1.0, **{"lambda": lam}).result[0]["samples"]
         close(got, want[lam])

@@ -131,59 +131,59 @@ def reward_dir(tmp_path_factory, comfy_root, comfy):
 def test_reward_nodes_list_load_and_score(pack, reward_dir):
     loader = pack.nodes.DeRaDiffLoadRewardModel
     choices = loader.INPUT_TYPES()
-    assert "tiny-clip" in choices["required"]["model"][0]
-    assert "tiny-aesthetic.safetensors" in choices["optional"]["aesthetic_head"][0]
-    clip = loader().load("clip_score", "tiny-clip")[0]
-    aesthetic = loader().load("laion_aesthetic", "tiny-clip", "tiny-aesthetic.safetensors")[0]
+    assert "tiny-clip" in choices["required"]["model"][1]["options"]
+    assert "tiny-aesthetic.safetensors" in choices["optional"]["aesthetic_head"][1]["options"]
+    clip = loader.execute("clip_score", "tiny-clip")[0]
+    aesthetic = loader.execute("laion_aesthetic", "tiny-clip", "tiny-aesthetic.safetensors")[0]
     images = torch.rand(3, 40, 48, 3, generator=torch.Generator().manual_seed(0))
     node = pack.nodes.DeRaDiffRewardScore()
-    out = node.score(images, clip, "a red fox")
-    scores, summary = out["result"]
+    out = node.execute(images, clip, "a red fox")
+    scores, summary = out.result
     assert len(scores) == 3 and all(math.isfinite(s) for s in scores) and "mean" in summary
     direct = clip.reward.score(images, ["a red fox"] * 3)
     assert scores == pytest.approx(direct.tolist())
-    per_line = node.score(images, clip, "a red fox\na lighthouse\na bowl")["result"][0]
+    per_line = node.execute(images, clip, "a red fox\na lighthouse\na bowl").result[0]
     assert per_line != pytest.approx(scores)
-    assert len(node.score(images, aesthetic, "")["result"][0]) == 3  # the aesthetic ignores the prompt
+    assert len(node.execute(images, aesthetic, "").result[0]) == 3  # the aesthetic ignores the prompt
     errors = pack.nodes.common.NodeInputError
     with pytest.raises(errors, match="input 'prompt'.*2 prompt lines for 3 images"):
-        node.score(images, clip, "one\ntwo")
+        node.execute(images, clip, "one\ntwo")
     with pytest.raises(errors, match="DeRaDiff Load Reward Model: input 'model'.*broken-clip"):
-        loader().load("pickscore", "broken-clip")
+        loader.execute("pickscore", "broken-clip")
     with pytest.raises(errors, match="input 'aesthetic_head'"):
-        loader().load("laion_aesthetic", "tiny-clip")
+        loader.execute("laion_aesthetic", "tiny-clip")
     with pytest.raises(errors, match="input 'model'.*not found"):
-        loader().load("clip_score", "nowhere")
+        loader.execute("clip_score", "nowhere")
 
 
 def test_lambda_search_node_on_sd15(pack, comfy, reward_dir):
     from comfy_helpers import empty_latent, encode, load_checkpoint
     ref, clip, vae = load_checkpoint("sd15_reference.safetensors")
     aligned = load_checkpoint("sd15_aligned.safetensors")[0]
-    pair = pack.nodes.DeRaDiffMakePair().make(ref, aligned, 5000.0)[0]
+    pair = pack.nodes.DeRaDiffMakePair.execute(ref, aligned, 5000.0)[0]
     loader = pack.nodes.DeRaDiffLoadRewardModel()
-    reward = loader.load("clip_score", "tiny-clip")[0]
-    watch = loader.load("laion_aesthetic", "tiny-clip", "tiny-aesthetic.safetensors")[0]
+    reward = loader.execute("clip_score", "tiny-clip")[0]
+    watch = loader.execute("laion_aesthetic", "tiny-clip", "tiny-aesthetic.safetensors")[0]
     latent = {"samples": torch.zeros(2, 4, 8, 8)}
     node = pack.nodes.DeRaDiffLambdaSearch()
-    out = node.search(pair, clip, vae, reward, "a red fox\na lighthouse", encode(clip, "blurry"), latent, 3, 2, 5.0,
-                      "euler", "normal", 0.0, 2.0, 5, 2, watch_reward_model=watch)
-    best, plot, images, table = out["result"]
+    out = node.execute(pair, clip, vae, reward, "a red fox\na lighthouse", encode(clip, "blurry"), latent, 3, 2, 5.0,
+                       "euler", "normal", 0.0, 2.0, 5, 2, watch_reward_model=watch)
+    best, plot, images, table = out.result
     assert 0.0 <= best <= 2.0
     assert plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.shape[1] > 100
     assert images.shape[0] == 4 and images.shape[-1] == 3  # 2 prompts x 2 seeds at the best λ
     rows = table.splitlines()
     assert len(rows) == 1 + 5 and "watched" in rows[0]
     assert all(r.split("\t")[1] != "-" for r in rows[1:])  # β/λ is known (β = 5000)
-    assert "best λ" in out["ui"]["text"][0]
+    assert "best λ" in out.ui["text"][0]
     errors = pack.nodes.common.NodeInputError
     with pytest.raises(errors, match="input 'lambda_max'"):
-        node.search(pair, clip, vae, reward, "x", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal", 1.0, 1.0, 5, 2)
+        node.execute(pair, clip, vae, reward, "x", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal", 1.0, 1.0, 5, 2)
     with pytest.raises(errors, match="input 'lambda_min'"):
-        node.search(pair, clip, vae, reward, "x", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal",
-                    float("nan"), 1.0, 5, 2)
+        node.execute(pair, clip, vae, reward, "x", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal",
+                     float("nan"), 1.0, 5, 2)
     with pytest.raises(errors, match="input 'prompts'"):
-        node.search(pair, clip, vae, reward, " \n ", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal", 0.0, 1.0, 5, 2)
+        node.execute(pair, clip, vae, reward, " \n ", encode(clip, ""), latent, 3, 2, 5.0, "euler", "normal", 0.0, 1.0, 5, 2)
 
 
 def test_lambda_search_with_particles(pack, comfy, reward_dir):
@@ -193,8 +193,8 @@ def test_lambda_search_with_particles(pack, comfy, reward_dir):
     from comfy_helpers import encode, load_checkpoint
     ref, clip, vae = load_checkpoint("sd15_reference.safetensors")
     aligned = load_checkpoint("sd15_aligned.safetensors")[0]
-    pair = pack.nodes.DeRaDiffMakePair().make(ref, aligned, 5000.0)[0]
-    reward = pack.nodes.DeRaDiffLoadRewardModel().load("clip_score", "tiny-clip")[0]
+    pair = pack.nodes.DeRaDiffMakePair.execute(ref, aligned, 5000.0)[0]
+    reward = pack.nodes.DeRaDiffLoadRewardModel.execute("clip_score", "tiny-clip")[0]
     latent = {"samples": torch.zeros(2, 4, 8, 8)}
     negative, positive = encode(clip, "blurry"), encode(clip, "a red fox")
     run = sys.modules[f"{pack.__name__}.sampler.search_run"]
@@ -203,24 +203,24 @@ def test_lambda_search_with_particles(pack, comfy, reward_dir):
     done = setup.evaluate([0.5, 1.5])
     ksampler = pack.nodes.DeRaDiffKSampler()
     for e in done:
-        want = ksampler.sample(pair, 3, 2, 5.0, "euler_ancestral", "normal", positive, negative, latent,
-                               **{"lambda": e.lam, "particles": 3})["result"][0]["samples"]
+        want = ksampler.execute(pair, 3, 2, 5.0, "euler_ancestral", "normal", positive, negative, latent,
+                               **{"lambda": e.lam, "particles": 3}).result[0]["samples"]
         assert torch.equal(setup.latents[e.lam], want.cpu()), e.lam
         images = run.decode(vae, want)
         assert e.scores == pytest.approx(reward.score(images, ["a red fox"] * 2).tolist())
         assert [s["weighted_steps"] for s in setup.ess[e.lam]] == [1]  # euler_ancestral, 2 steps: one noisy step
     node = pack.nodes.DeRaDiffLambdaSearch()
-    out = node.search(pair, clip, vae, reward, "a red fox", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal",
-                      0.0, 2.0, 3, 2, particles=2)
-    assert 0.0 <= out["result"][0] <= 2.0
-    assert "2 particles per image: ESS min" in out["ui"]["text"][0], out["ui"]["text"][0]
+    out = node.execute(pair, clip, vae, reward, "a red fox", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal",
+                       0.0, 2.0, 3, 2, particles=2)
+    assert 0.0 <= out.result[0] <= 2.0
+    assert "2 particles per image: ESS min" in out.ui["text"][0], out.ui["text"][0]
     errors = pack.nodes.common.NodeInputError
     with pytest.raises(ValueError, match="DeRaDiff λ Search: input 'sampler_name'.*stochastic"):
-        node.search(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "euler", "normal", 0.0, 2.0, 3, 2,
-                    particles=2)
+        node.execute(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "euler", "normal", 0.0, 2.0, 3, 2,
+                     particles=2)
     with pytest.raises(errors, match="DeRaDiff λ Search: input 'particles'"):
-        node.search(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal", 0.0, 2.0,
-                    3, 2, particles=0)
+        node.execute(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal", 0.0, 2.0,
+                     3, 2, particles=0)
     with pytest.raises(errors, match="DeRaDiff λ Search: input 'resample_ess'"):
-        node.search(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal", 0.0, 2.0,
-                    3, 2, particles=2, resample_ess=1.5)
+        node.execute(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal", 0.0, 2.0,
+                     3, 2, particles=2, resample_ess=1.5)

@@ -43,24 +43,24 @@ def hard(ac, pack):
 
 def node_sample(pack, ac, pair, latent, sampler, steps=6, seed=3, lam=LAM, **extra):
     cond = ac.conditioning()
-    return pack.nodes.DeRaDiffKSampler().sample(pair, seed, steps, 1.0, sampler, "karras", cond, cond, latent, 1.0,
-                                                **{"lambda": lam}, **extra)
+    return pack.nodes.DeRaDiffKSampler.execute(pair, seed, steps, 1.0, sampler, "karras", cond, cond, latent, 1.0,
+                                               **{"lambda": lam}, **extra)
 
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "ddpm", "dpmpp_2m"])
 def test_particles_1_is_plain_deradiff_bit_for_bit(pack, ac, hard, sampler):
     latent = ac.empty_latent(64, batch=2)
-    plain = node_sample(pack, ac, hard[2], latent, sampler)["result"][0]["samples"]
+    plain = node_sample(pack, ac, hard[2], latent, sampler).result[0]["samples"]
     one = node_sample(pack, ac, hard[2], latent, sampler, particles=1, resample_ess=0.9)
-    assert "deradiff_particles" not in one["ui"]
-    assert torch.equal(plain, one["result"][0]["samples"])
+    assert "deradiff_particles" not in one.ui
+    assert torch.equal(plain, one.result[0]["samples"])
 
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "ddpm"])
 def test_particle_loop_with_one_particle_replays_comfyuis_step(pack, ac, hard, sampler):
     from comfyui_deradiff.sampler.particle_sampler import particle_ksampler
     latent = ac.empty_latent(64, batch=2)
-    plain = node_sample(pack, ac, hard[2], latent, sampler)["result"][0]["samples"]
+    plain = node_sample(pack, ac, hard[2], latent, sampler).result[0]["samples"]
     cond = ac.conditioning()
     out, state = particle_ksampler(hard[2], LAM, 3, 6, 1.0, sampler, "karras", cond, cond, latent, 1.0, particles=1)
     assert state.summary()["weighted_steps"] == 5  # every step but the noiseless last one is weighted
@@ -128,7 +128,7 @@ def test_single_gaussian_world_weights_stay_uniform(pack, ac, monkeypatch):
         assert float(inc.std()) < 1e-4 * abs(float(inc.mean()))  # float32 model outputs
         assert float(inc.mean()) == pytest.approx(expected, rel=1e-4)
     assert state.summary()["resamples"] == 0 and state.summary()["min_ess"] == pytest.approx(4.0, abs=1e-6)
-    assert "ESS min 4.0" in out["ui"]["deradiff_particles"][0] and "COLLAPSED" not in out["ui"]["deradiff_particles"][0]
+    assert "ESS min 4.0" in out.ui["deradiff_particles"][0] and "COLLAPSED" not in out.ui["deradiff_particles"][0]
     # the control: separated modes give unequal weights
     _, _, pair_hard = _hard(ac, pack)
     node_sample(pack, ac, pair_hard, latent, "euler_ancestral", steps=8, particles=4)
@@ -176,8 +176,8 @@ def test_refusals_name_node_and_input(pack, ac, hard):
         node_sample(pack, ac, hard[2], latent, "euler_ancestral", particles=2, resample_ess=1.5)
     import comfy.samplers
     cond = ac.conditioning()
-    guider = pack.nodes.DeRaDiffGuiderNode().get_guider(hard[2], cond, cond, 1.0, **{"lambda": LAM},
-                                                        particles=2)["result"][0]
+    guider = pack.nodes.DeRaDiffGuiderNode.execute(hard[2], cond, cond, 1.0, **{"lambda": LAM},
+                                                        particles=2).result[0]
     sigmas = comfy.samplers.calculate_sigmas(hard[2].reference.get_model_object("model_sampling"), "karras", 4)
     with pytest.raises(ValueError, match="DeRaDiff Guider: input 'particles'.*'euler'"):
         guider.sample(torch.randn(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), comfy.samplers.sampler_object("euler"),
@@ -195,13 +195,13 @@ def test_guider_node_through_a_custom_sampler_equals_the_ksampler_node(pack, ac,
     cond = ac.conditioning()
     latent = ac.empty_latent(64, batch=2)
     ks = node_sample(pack, ac, hard[2], latent, "euler_ancestral", steps=6, seed=5, particles=3)
-    assert ks["result"][0]["samples"].shape == latent["samples"].shape
-    guider = pack.nodes.DeRaDiffGuiderNode().get_guider(hard[2], cond, cond, 1.0, **{"lambda": LAM},
-                                                        particles=3)["result"][0]
+    assert ks.result[0]["samples"].shape == latent["samples"].shape
+    guider = pack.nodes.DeRaDiffGuiderNode.execute(hard[2], cond, cond, 1.0, **{"lambda": LAM},
+                                                        particles=3).result[0]
     sigmas = comfy.samplers.calculate_sigmas(hard[2].reference.get_model_object("model_sampling"), "karras", 6)
     noise = comfy.sample.prepare_noise(latent["samples"], 5)
     out = guider.sample(noise, latent["samples"], comfy.samplers.sampler_object("euler_ancestral"), sigmas, seed=5)
-    assert torch.equal(out, ks["result"][0]["samples"])
+    assert torch.equal(out, ks.result[0]["samples"])
     assert guider.state.summary()["weighted_steps"] == 5
     # the GUIDER is cached and reused by ComfyUI: a second run leaves no trace of the first
     assert guider.prediction_observer is None
@@ -220,8 +220,8 @@ def test_sampler_custom_advanced_denoised_output_is_the_returned_particles(pack,
     latent = ac.empty_latent(64, batch=2)
     sigmas = comfy.samplers.calculate_sigmas(hard[2].reference.get_model_object("model_sampling"), "karras", 6)
     for seed in (1, 2, 3):
-        guider = pack.nodes.DeRaDiffGuiderNode().get_guider(hard[2], cond, cond, 1.0, **{"lambda": LAM},
-                                                            particles=4)["result"][0]
+        guider = pack.nodes.DeRaDiffGuiderNode.execute(hard[2], cond, cond, 1.0, **{"lambda": LAM},
+                                                            particles=4).result[0]
         noise = RandomNoise.execute(seed)[0]
         out, denoised = SamplerCustomAdvanced.execute(noise, guider, comfy.samplers.sampler_object(sampler),
                                                       sigmas, latent)[:2]
@@ -247,7 +247,7 @@ def test_two_particles_at_the_default_resample_ess_replace_a_dead_one(pack, ac, 
         record = states[-1].record
         assert any(r[2] < 1.5 for r in record), record  # the hard world's weights do drop here
         assert all(r[3] == (r[2] < 1.5) for r in record), record  # resampled exactly where ESS < 1.5
-        text, k = out["ui"]["deradiff_particles"][0], sum(r[2] < particles.COLLAPSE_ESS for r in record)
+        text, k = out.ui["deradiff_particles"][0], sum(r[2] < particles.COLLAPSE_ESS for r in record)
         if k:
             assert f"weights COLLAPSED at {k} of {len(record)} steps" in text, text
         else:

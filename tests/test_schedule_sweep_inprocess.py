@@ -17,25 +17,25 @@ STEPS = 4
 def sd15(comfy, pack):
     ref, clip, vae = load_checkpoint("sd15_reference.safetensors")
     aligned = load_checkpoint("sd15_aligned.safetensors")[0]
-    pair = pack.nodes.DeRaDiffMakePair().make(ref, aligned, 5000.0)[0]
+    pair = pack.nodes.DeRaDiffMakePair.execute(ref, aligned, 5000.0)[0]
     return dict(ref=ref, aligned=aligned, clip=clip, vae=vae, pair=pair, pos=encode(clip, "a red fox"),
                 neg=encode(clip, "blurry"), latent=empty_latent())
 
 
 def schedule(pack, shape="linear", lambda_from=1.0, lambda_to=0.0, start=0.0, end=1.0, outside=0.0,
              custom="1, 1, 0.5, 0", floats=None, pair=None):
-    out = pack.nodes.DeRaDiffLambdaSchedule().build(shape, lambda_from, lambda_to, start, end, outside, custom,
+    out = pack.nodes.DeRaDiffLambdaSchedule.execute(shape, lambda_from, lambda_to, start, end, outside, custom,
                                                     STEPS, custom_floats=floats, pair=pair)
-    return out["result"][0], out["ui"]
+    return out.result[0], out.ui
 
 
 def realign(pack, s, sampler="euler", lam=1.0, sched=None, latent=None, denoise=1.0, seed=3, pair=None, steps=STEPS):
     kwargs = {"lambda": lam}
     if sched is not None:
         kwargs["lambda_schedule"] = sched
-    out = pack.nodes.DeRaDiffKSampler().sample(pair or s["pair"], seed, steps, 5.0, sampler, "normal", s["pos"],
-                                               s["neg"], latent or s["latent"], denoise, **kwargs)
-    return out["result"][0]["samples"]
+    out = pack.nodes.DeRaDiffKSampler.execute(pair or s["pair"], seed, steps, 5.0, sampler, "normal", s["pos"],
+                                              s["neg"], latent or s["latent"], denoise, **kwargs)
+    return out.result[0]["samples"]
 
 
 @pytest.mark.parametrize("sampler,denoise", [("euler", 1.0), ("heun", 1.0), ("dpmpp_2s_ancestral", 1.0),
@@ -47,7 +47,7 @@ def test_schedule_is_evaluated_from_the_sigma_of_every_call(sd15, pack, monkeypa
     sched, _ = schedule(pack, "cosine", 1.5, 0.0)
     ref, seen_ref = capture_denoised(sd15["ref"])
     aligned, seen_al = capture_denoised(sd15["aligned"])
-    pair = pack.nodes.DeRaDiffMakePair().make(ref, aligned)[0]
+    pair = pack.nodes.DeRaDiffMakePair.execute(ref, aligned)[0]
     calls = []
     original = guider_mod.DeRaDiffGuider.predict_noise
 
@@ -103,8 +103,8 @@ def test_floats_input_and_preview_data(sd15, pack, comfy):
     assert preview["curve"] == sched.curve() and preview["curve"][0] == 1.0 and preview["curve"][-1] == 0.0
     json.dumps(ui)  # what the server sends to the editor
     # preview_steps only changes the drawing: leaving it out (as the editor does) builds the same schedule
-    bare = pack.nodes.DeRaDiffLambdaSchedule().build("custom", 1.0, 0.0, 0.0, 1.0, 0.0, "1, 1, 0.5, 0")
-    assert bare["result"][0].values == [1.0, 1.0, 0.5, 0.0]
+    bare = pack.nodes.DeRaDiffLambdaSchedule.execute("custom", 1.0, 0.0, 0.0, 1.0, 0.0, "1, 1, 0.5, 0")
+    assert bare.result[0].values == [1.0, 1.0, 0.5, 0.0]
     with pytest.raises(pack.nodes.common.NodeInputError, match="input 'custom_values'"):
         schedule(pack, "custom", custom="1, oops")
     with pytest.raises(pack.nodes.common.NodeInputError, match="input 'end_percent'"):
@@ -112,7 +112,7 @@ def test_floats_input_and_preview_data(sd15, pack, comfy):
 
 
 def sweep(pack, s, lambdas, sampler="euler", latent=None, denoise=1.0, seed=3, steps=STEPS):
-    return pack.nodes.DeRaDiffLambdaSweep().sweep(s["pair"], lambdas, seed, steps, 5.0, sampler, "normal",
+    return pack.nodes.DeRaDiffLambdaSweep.execute(s["pair"], lambdas, seed, steps, 5.0, sampler, "normal",
                                                   s["pos"], s["neg"], latent or s["latent"], denoise)
 
 
@@ -153,13 +153,13 @@ def test_sweep_batches_all_lambdas_into_each_call_and_handles_batches_and_masks(
 
 def test_sweep_grid_labels_every_image(pack, comfy):
     images = torch.rand(4, 32, 48, 3)
-    grid = pack.nodes.DeRaDiffSweepGrid().grid(images, "λ=0\nλ=0.5\nλ=1\nλ=2", 2)[0]
+    grid = pack.nodes.DeRaDiffSweepGrid.execute(images, "λ=0\nλ=0.5\nλ=1\nλ=2", 2)[0]
     assert grid.shape[0] == 1 and grid.shape[2] == 96 and grid.shape[1] > 64
     # the label strips (below each tile) contain light text pixels
     strip = grid[0, 32:grid.shape[1] // 2]
     assert (strip > 0.8).any()
     with pytest.raises(pack.nodes.common.NodeInputError, match="input 'labels'"):
-        pack.nodes.DeRaDiffSweepGrid().grid(images, "λ=0\nλ=1", 0)
+        pack.nodes.DeRaDiffSweepGrid.execute(images, "λ=0\nλ=1", 0)
 
 
 def test_sweep_grid_adds_beta_over_lambda_to_lambda_only_labels(pack, comfy):
@@ -171,15 +171,15 @@ def test_sweep_grid_adds_beta_over_lambda_to_lambda_only_labels(pack, comfy):
         assert with_beta(other, 5000.0) == other
     images = torch.rand(2, 32, 48, 3)
     grid = pack.nodes.DeRaDiffSweepGrid()
-    plain, with_b = grid.grid(images, "λ=0.5\nλ=2", 0)[0], grid.grid(images, "λ=0.5\nλ=2", 0, beta=5000.0)[0]
+    plain, with_b = grid.execute(images, "λ=0.5\nλ=2", 0)[0], grid.execute(images, "λ=0.5\nλ=2", 0, beta=5000.0)[0]
     assert torch.equal(plain[0, :32], with_b[0, :32]) and not torch.equal(plain, with_b)
     with pytest.raises(pack.nodes.common.NodeInputError, match="input 'beta'"):
-        grid.grid(images, "λ=0.5\nλ=2", 0, beta=float("nan"))
+        grid.execute(images, "λ=0.5\nλ=2", 0, beta=float("nan"))
 
 
 @pytest.mark.parametrize("lam,sampler", [(0.5, "euler"), (1.7, "dpmpp_2m"), (0.0, "euler"), (1.0, "heun")])
 def test_realigned_model_in_plain_ksampler_equals_deradiff_ksampler(sd15, pack, comfy, lam, sampler):
-    model = pack.nodes.DeRaDiffRealignModel().realign(sd15["pair"], **{"lambda": lam})[0]
+    model = pack.nodes.DeRaDiffRealignModel.execute(sd15["pair"], **{"lambda": lam})[0]
     got = ksampler(model, sd15["latent"], sd15["pos"], sd15["neg"], seed=3, steps=STEPS, sampler=sampler)
     want = realign(pack, sd15, sampler=sampler, lam=lam)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
@@ -191,7 +191,7 @@ def test_realigned_model_in_plain_ksampler_equals_deradiff_ksampler(sd15, pack, 
 def test_realigned_model_loads_both_models_and_follows_a_schedule(sd15, pack, comfy, monkeypatch):
     import comfy.model_management as mm
     sched, _ = schedule(pack, "custom", custom="0, 0, 1, 1")
-    model = pack.nodes.DeRaDiffRealignModel().realign(sd15["pair"], **{"lambda": 0.5, "lambda_schedule": sched})[0]
+    model = pack.nodes.DeRaDiffRealignModel.execute(sd15["pair"], **{"lambda": 0.5, "lambda_schedule": sched})[0]
     loads = []
     real = mm.load_models_gpu
     monkeypatch.setattr(mm, "load_models_gpu", lambda models, *a, **k: (loads.append(list(models)), real(models, *a, **k))[1])
@@ -225,13 +225,13 @@ def custom(pack, values):
 @pytest.mark.parametrize("scheduler", ["karras", "normal", "exponential", "sgm_uniform", "beta"])
 def test_custom_schedule_gives_each_step_its_own_value(sd15, pack, lambdas_used, scheduler):
     values = [1, 1, 0.5, 0]
-    pack.nodes.DeRaDiffKSampler().sample(sd15["pair"], 3, 4, 5.0, "euler", scheduler, sd15["pos"], sd15["neg"],
-                                         sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
+    pack.nodes.DeRaDiffKSampler.execute(sd15["pair"], 3, 4, 5.0, "euler", scheduler, sd15["pos"], sd15["neg"],
+                                        sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
     assert lambdas_used == values
     lambdas_used.clear()
     many = [round(0.05 * i, 2) for i in range(20)]
-    pack.nodes.DeRaDiffKSampler().sample(sd15["pair"], 3, 20, 5.0, "euler", scheduler, sd15["pos"], sd15["neg"],
-                                         sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, many)})
+    pack.nodes.DeRaDiffKSampler.execute(sd15["pair"], 3, 20, 5.0, "euler", scheduler, sd15["pos"], sd15["neg"],
+                                        sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, many)})
     assert lambdas_used == many
 
 
@@ -252,8 +252,8 @@ def test_custom_schedule_heun_corrector_belongs_to_its_step(sd15, pack, lambdas_
     if sampler not in comfy.samplers.KSAMPLER_NAMES:
         pytest.skip(f"{sampler} is not in this ComfyUI")
     values = [1, 0.5, 0.25, 0]
-    pack.nodes.DeRaDiffKSampler().sample(sd15["pair"], 3, 4, 5.0, sampler, "karras", sd15["pos"], sd15["neg"],
-                                         sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
+    pack.nodes.DeRaDiffKSampler.execute(sd15["pair"], 3, 4, 5.0, sampler, "karras", sd15["pos"], sd15["neg"],
+                                        sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
     assert lambdas_used == CORRECTOR_RUNS[sampler]
 
 
@@ -261,8 +261,8 @@ def test_custom_schedule_longer_than_the_run_says_which_values_are_unused(sd15, 
     import logging
     caplog.set_level(logging.WARNING, logger="DeRaDiff")
     values = [1, 0.5, 0.25, 0, 0.75, 0.75]
-    pack.nodes.DeRaDiffKSampler().sample(sd15["pair"], 3, 4, 5.0, "euler", "karras", sd15["pos"], sd15["neg"],
-                                         sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
+    pack.nodes.DeRaDiffKSampler.execute(sd15["pair"], 3, 4, 5.0, "euler", "karras", sd15["pos"], sd15["neg"],
+                                        sd15["latent"], 1.0, **{"lambda": 1.0, "lambda_schedule": custom(pack, values)})
     assert lambdas_used == values[:4]
     assert "6 values but this run has only 4 steps: the values after the first 4 are not used" in caplog.text
 
@@ -275,13 +275,13 @@ def test_custom_schedule_in_parts_counts_the_full_schedules_steps(sd15, pack, la
     from comfy_extras.nodes_custom_sampler import RandomNoise, SamplerCustomAdvanced
     values = [1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
     sched = custom(pack, values)
-    realigned = pack.nodes.DeRaDiffRealignModel().realign(sd15["pair"], **{"lambda": 1.0, "lambda_schedule": sched})[0]
+    realigned = pack.nodes.DeRaDiffRealignModel.execute(sd15["pair"], **{"lambda": 1.0, "lambda_schedule": sched})[0]
     nodes.KSamplerAdvanced().sample(realigned, "enable", 3, 8, 5.0, "euler", "karras", sd15["pos"], sd15["neg"],
                                     sd15["latent"], 3, 6, "enable")
     assert lambdas_used == values[3:6]
     lambdas_used.clear()
-    guider = pack.nodes.DeRaDiffGuiderNode().get_guider(sd15["pair"], sd15["pos"], sd15["neg"], 5.0,
-                                                        **{"lambda": 1.0, "lambda_schedule": sched})["result"][0]
+    guider = pack.nodes.DeRaDiffGuiderNode.execute(sd15["pair"], sd15["pos"], sd15["neg"], 5.0,
+                                                        **{"lambda": 1.0, "lambda_schedule": sched}).result[0]
     sigmas = comfy.samplers.calculate_sigmas(sd15["ref"].get_model_object("model_sampling"), "exponential", 8)
     SamplerCustomAdvanced.execute(RandomNoise.execute(3)[0], guider, comfy.samplers.sampler_object("euler"),
                                   sigmas[5:], sd15["latent"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server_rig import error_message, status_of
+from server_rig import combo_choices, error_message, status_of
 from test_rewards import write_aesthetic_head, write_clip_folder
 from test_server import (SD15_ALIGNED_CKPT, SD15_REF, SEED, Graph, empty_latent, load_pair, one_image, out,
                          assert_not_flat)
@@ -27,8 +27,8 @@ def reward_models(comfy_server, comfy_root):
 
 def test_reward_models_are_listed_from_extra_model_paths(comfy_server, reward_models):
     info = comfy_server.object_info("DeRaDiffLoadRewardModel")
-    assert "tiny-clip" in info["input"]["required"]["model"][0]
-    assert "tiny-aesthetic.safetensors" in info["input"]["optional"]["aesthetic_head"][0]
+    assert "tiny-clip" in combo_choices(info["input"]["required"]["model"])
+    assert "tiny-aesthetic.safetensors" in combo_choices(info["input"]["optional"]["aesthetic_head"])
 
 
 def test_lambda_search_drives_a_deradiff_ksampler(comfy_server, reward_models):

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import STANDIN_DIR
-from server_rig import PACK_DIR_NAME, status_messages, status_of
+from server_rig import PACK_DIR_NAME, combo_choices, status_messages, status_of
 
 PACK_NODES = {
     "DeRaDiffLoadAlignedPair": "Load Aligned Model Pair (DeRaDiff)",
@@ -197,9 +197,10 @@ def test_pack_loads_and_nodes_are_listed(comfy_server):
 
     # the combos list the stand-ins the server sees through the extra model paths
     pair_inputs = info["DeRaDiffLoadAlignedPair"]["input"]["required"]
-    assert SD15_REF in pair_inputs["reference_ckpt_name"][0]
+    assert SD15_REF in combo_choices(pair_inputs["reference_ckpt_name"])
+    aligned_choices = combo_choices(pair_inputs["aligned_model"])
     for choice in (SD15_ALIGNED_CKPT, SD15_ALIGNED_UNET, SDXL_ALIGNED_UNET):
-        assert choice in pair_inputs["aligned_model"][0], pair_inputs["aligned_model"][0]
+        assert choice in aligned_choices, aligned_choices
 
 
 def test_every_pack_node_is_documented(comfy_server):

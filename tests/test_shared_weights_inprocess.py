@@ -21,8 +21,8 @@ def sd15(comfy, pack):
 
 
 def realign(pack, pair, lam, s, sampler="euler", steps=3):
-    return pack.nodes.DeRaDiffKSampler().sample(pair, 5, steps, 5.0, sampler, "normal", s["pos"], s["neg"], s["latent"],
-                                                1.0, **{"lambda": lam})["result"][0]["samples"]
+    return pack.nodes.DeRaDiffKSampler.execute(pair, 5, steps, 5.0, sampler, "normal", s["pos"], s["neg"], s["latent"],
+                                                1.0, **{"lambda": lam}).result[0]["samples"]
 
 
 def close(a, b):
@@ -42,12 +42,12 @@ def merged_separate_copy(clip, strength=1.0):
 def test_lora_pair_shares_the_reference_weights_and_matches_a_merged_copy(comfy, sd15, pack, caplog):
     import comfy.model_management as mm
     with caplog.at_level(logging.INFO):
-        pair, _, _ = pack.nodes.DeRaDiffLoadAlignedPair().load("sd15_reference.safetensors",
-                                                               "loras/sd15_aligned_lora.safetensors", 0.0, 0.8)
+        pair, _, _ = pack.nodes.DeRaDiffLoadAlignedPair.execute("sd15_reference.safetensors",
+                                                                "loras/sd15_aligned_lora.safetensors", 0.0, 0.8)
         side = pair.aligned_side()
     assert side.shared is not None and side.patcher is None
     assert "share the reference's weights" in caplog.text
-    merged = pack.nodes.DeRaDiffMakePair().make(pair.reference, merged_separate_copy(sd15["clip"], 0.8))[0]
+    merged = pack.nodes.DeRaDiffMakePair.execute(pair.reference, merged_separate_copy(sd15["clip"], 0.8))[0]
     assert merged.aligned_side().shared is None  # two real models
     for lam in (0.0, 0.5, 1.0, 1.5):
         mm.unload_all_models()
@@ -69,12 +69,12 @@ def test_lora_pair_shares_the_reference_weights_and_matches_a_merged_copy(comfy,
 def test_make_pair_from_loraloader_takes_the_shared_path(comfy, sd15, pack):
     import nodes
     lora = nodes.LoraLoader().load_lora(sd15["ref"], sd15["clip"], "sd15_aligned_lora.safetensors", 1.0, 1.0)[0]
-    pair = pack.nodes.DeRaDiffMakePair().make(sd15["ref"], lora)[0]
+    pair = pack.nodes.DeRaDiffMakePair.execute(sd15["ref"], lora)[0]
     assert pair.aligned_side().shared is not None
-    close(realign(pack, pair, 0.5, sd15), realign(pack, pack.nodes.DeRaDiffMakePair().make(
+    close(realign(pack, pair, 0.5, sd15), realign(pack, pack.nodes.DeRaDiffMakePair.execute(
         sd15["ref"], merged_separate_copy(sd15["clip"]))[0], 0.5, sd15))
     # the realigned MODEL takes the same path
-    model = pack.nodes.DeRaDiffRealignModel().realign(pair, **{"lambda": 0.5})[0]
+    model = pack.nodes.DeRaDiffRealignModel.execute(pair, **{"lambda": 0.5})[0]
     close(ksampler(model, sd15["latent"], sd15["pos"], sd15["neg"], seed=5, steps=3), realign(pack, pair, 0.5, sd15))
 
 
@@ -175,13 +175,13 @@ def test_weight_difference_file_uses_the_weight_space_path(comfy, sd15, pack, tm
     assert diff
     save_file(diff, tmp_path / "dpo_difference.safetensors")
     folder_paths.add_model_folder_path("loras", str(tmp_path))
-    pair = pack.nodes.DeRaDiffLoadAlignedPair().load("sd15_reference.safetensors", "loras/dpo_difference.safetensors")[0]
+    pair = pack.nodes.DeRaDiffLoadAlignedPair.execute("sd15_reference.safetensors", "loras/dpo_difference.safetensors")[0]
     side = pair.aligned_side()
     assert side.shared is not None and len(side.shared.weight_patches) == len(diff) and not side.shared.low_rank
     independent = comfy.sd.load_checkpoint_guess_config(
         folder_paths.get_full_path("checkpoints", "sd15_reference.safetensors"), output_vae=False, output_clip=False)[0]
     merged = nodes.LoraLoader().load_lora(independent, sd15["clip"], "dpo_difference.safetensors", 1.0, 0.0)[0]
-    merged_pair = pack.nodes.DeRaDiffMakePair().make(pair.reference, merged)[0]
+    merged_pair = pack.nodes.DeRaDiffMakePair.execute(pair.reference, merged)[0]
     for lam in (0.5, 1.5):
         close(realign(pack, pair, lam, sd15), realign(pack, merged_pair, lam, sd15))
 
@@ -192,8 +192,8 @@ def test_lora_factors_are_cached_during_a_run_and_dropped_by_its_cleanup(comfy, 
     Realign Model's MODEL) lasts: the patcher's ON_CLEANUP callback drops them; outside a run
     ``with delta:`` caches nothing."""
     import nodes
-    pair, _, _ = pack.nodes.DeRaDiffLoadAlignedPair().load("sd15_reference.safetensors",
-                                                           "loras/sd15_aligned_lora.safetensors", 0.0, 0.8)
+    pair, _, _ = pack.nodes.DeRaDiffLoadAlignedPair.execute("sd15_reference.safetensors",
+                                                            "loras/sd15_aligned_lora.safetensors", 0.0, 0.8)
     shared = pair.aligned_side().shared
     assert shared is not None and shared.low_rank
     seen = []
@@ -206,7 +206,7 @@ def test_lora_factors_are_cached_during_a_run_and_dropped_by_its_cleanup(comfy, 
     if path == "ksampler":
         realign(pack, pair, 0.5, sd15)
     else:
-        model = pack.nodes.DeRaDiffRealignModel().realign(pair, **{"lambda": 0.5})[0]
+        model = pack.nodes.DeRaDiffRealignModel.execute(pair, **{"lambda": 0.5})[0]
         nodes.KSampler().sample(model, 5, 3, 5.0, "euler", "normal", sd15["pos"], sd15["neg"], sd15["latent"])
     assert seen and max(seen) > 0, seen  # cached while the run lasted
     assert shared.cached_tensors() == 0  # dropped by the run's cleanup

@@ -278,13 +278,13 @@ def test_load_reward_model_node_loads_the_family_reward(tf, tiny, pack, tmp_path
     shutil.copytree(tiny[1] / "reward", root / "tiny_reward_test")
     folder_paths.add_model_folder_path("reward_models", str(root))
     node = pack.NODE_CLASS_MAPPINGS["DeRaDiffLoadRewardModel"]
-    assert "torch_scorer" in node.INPUT_TYPES()["required"]["kind"][0]
-    assert "tiny_reward_test" in node.INPUT_TYPES()["required"]["model"][0]
-    reward = node().load("torch_scorer", "tiny_reward_test")[0]
+    assert "torch_scorer" in node.INPUT_TYPES()["required"]["kind"][1]["options"]
+    assert "tiny_reward_test" in node.INPUT_TYPES()["required"]["model"][1]["options"]
+    reward = node.execute("torch_scorer", "tiny_reward_test")[0]
     imgs = torch.zeros(2, 32, 32, 3)
     imgs[1, :, :, 0] = 1.0  # pure red: fully saturated
-    scores = pack.NODE_CLASS_MAPPINGS["DeRaDiffRewardScore"]().score(imgs, reward, "")
-    values = scores["result"][0]
+    scores = pack.NODE_CLASS_MAPPINGS["DeRaDiffRewardScore"].execute(imgs, reward, "")
+    values = scores.result[0]
     assert [round(float(v), 3) for v in values] == [0.0, 100.0]
 
 

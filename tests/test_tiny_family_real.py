@@ -89,7 +89,7 @@ def test_deradiff_lambda_moves_the_reward(tf, family, pack):
     import nodes
     from comfy_helpers import encode
     anchor = max(x["beta"] for x in family["loras"])
-    pair, clip, vae = pack.nodes.DeRaDiffLoadAlignedPair().load(
+    pair, clip, vae = pack.nodes.DeRaDiffLoadAlignedPair.execute(
         tf.CHECKPOINT_NAME, f"loras/{tf.SUBFOLDER}/dpo_beta{anchor:g}.safetensors", anchor)
     prompts = ["a large red circle at the top left on a black background", "a small white square in the middle on a grey background",
                "a large blue triangle at the bottom on a white background", "a small green cross at the right on a black background"]
@@ -99,9 +99,9 @@ def test_deradiff_lambda_moves_the_reward(tf, family, pack):
         per_prompt = []
         for p in prompts:
             latent = nodes.EmptyLatentImage().generate(32, 32, 8)[0]
-            out = sampler.sample(pair, 7, 20, 4.0, "euler", "normal", encode(clip, p), encode(clip, ""), latent,
-                                 **{"lambda": lam})
-            lat = (out["result"] if isinstance(out, dict) else out)[0]["samples"]
+            out = sampler.execute(pair, 7, 20, 4.0, "euler", "normal", encode(clip, p), encode(clip, ""), latent,
+                                  **{"lambda": lam})
+            lat = out.result[0]["samples"]
             img = vae.decode(lat).detach().permute(0, 3, 1, 2).float()
             per_prompt.append(tf.colourfulness(img))
         scores.append(torch.cat(per_prompt))

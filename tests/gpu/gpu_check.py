@@ -141,14 +141,14 @@ def run_checks(device: str, dynamic: bool, vram: str | None = None, latents_path
     s = dict(pos=encode(clip, "a red fox"), neg=encode(clip, "blurry"), latent=empty_latent())
 
     def realign(pair, lam):
-        return pack.nodes.DeRaDiffKSampler().sample(pair, 5, 3, 5.0, "euler", "normal", s["pos"], s["neg"], s["latent"],
-                                                    1.0, **{"lambda": lam})["result"][0]["samples"]
+        return pack.nodes.DeRaDiffKSampler.execute(pair, 5, 3, 5.0, "euler", "normal", s["pos"], s["neg"], s["latent"],
+                                                    1.0, **{"lambda": lam}).result[0]["samples"]
 
     def alone(model):
         return ksampler(model, s["latent"], s["pos"], s["neg"], seed=5, steps=3)
 
     def make(r, a):
-        return pack.nodes.DeRaDiffMakePair().make(r, a)[0]
+        return pack.nodes.DeRaDiffMakePair.execute(r, a)[0]
 
     with torch.inference_mode():
         before = alone(ref)
@@ -183,9 +183,9 @@ def run_checks(device: str, dynamic: bool, vram: str | None = None, latents_path
         record("plain_ksampler_unchanged", torch.equal(after, before), f"max diff {float((after - before).abs().max()):.3g}")
         # 4. λ sweep = separate runs
         lams = [0.0, 0.5, 1.0, 1.5]
-        sweep = pack.nodes.DeRaDiffLambdaSweep().sweep(pair, ", ".join(map(str, lams)), 5, 3, 5.0, "euler", "normal",
+        sweep = pack.nodes.DeRaDiffLambdaSweep.execute(pair, ", ".join(map(str, lams)), 5, 3, 5.0, "euler", "normal",
                                                        s["pos"], s["neg"], s["latent"])
-        out = sweep["result"][0]["samples"] if isinstance(sweep, dict) else sweep[0]["samples"]
+        out = sweep[0]["samples"]
         errs = [rel(out[i:i + 1], realign(pair, lam)) for i, lam in enumerate(lams)]
         record("sweep_equals_separate_runs", max(errs) <= TOL, f"errors {errs}")
         latents["pair_lambda_0.5"] = out[1:2]
