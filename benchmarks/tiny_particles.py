@@ -81,7 +81,7 @@ def run(cfg: Config, log=print) -> dict:
     def lora_model(beta):
         return nodes.LoraLoaderModelOnly().load_lora_model_only(reference, f"{tf.SUBFOLDER}/dpo_beta{beta:g}.safetensors", 1.0)[0]
 
-    pair = pack.nodes.DeRaDiffMakePair().make(reference, lora_model(cfg.anchor), cfg.anchor)[0]
+    pair = pack.nodes.DeRaDiffMakePair.execute(reference, lora_model(cfg.anchor), cfg.anchor).result[0]
     prompts = [a["prompt"] for a in tf.sample_attributes(tf.rng(tf.Config(), "eval", 2), cfg.prompts)]
     encode = lambda text: nodes.CLIPTextEncode().encode(clip, text)[0]  # noqa: E731
     conds = [encode(p) for p in prompts]
@@ -104,9 +104,9 @@ def run(cfg: Config, log=print) -> dict:
     def plain(lam):
         out, t = [], time.perf_counter()
         for p, cond in enumerate(conds):
-            res = pack.nodes.DeRaDiffKSampler().sample(pair, 1000 + p, cfg.steps, cfg.cfg, cfg.sampler, cfg.scheduler,
-                                                       cond, negative, latent, 1.0, **{"lambda": lam})
-            out += rewards(res["result"][0]["samples"])
+            res = pack.nodes.DeRaDiffKSampler.execute(pair, 1000 + p, cfg.steps, cfg.cfg, cfg.sampler, cfg.scheduler,
+                                                      cond, negative, latent, 1.0, **{"lambda": lam})
+            out += rewards(res.result[0]["samples"])
         return {"rewards": out, "seconds": time.perf_counter() - t, "passes_per_step": 2.0}
 
     def particles(lam, n, split_at, select_below, proposal=None):

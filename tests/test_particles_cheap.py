@@ -107,8 +107,8 @@ def test_one_particle_that_never_splits_is_plain_deradiff(ac, counted, pack):
     pair, _ = counted
     cond = ac.conditioning()
     latent = ac.empty_latent(H * H, batch=2)
-    plain = pack.nodes.DeRaDiffKSampler().sample(pair, 5, 10, 1.0, "euler_ancestral", "karras", cond, cond, latent,
-                                                 1.0, **{"lambda": LAM})["result"][0]["samples"]
+    plain = pack.nodes.DeRaDiffKSampler.execute(pair, 5, 10, 1.0, "euler_ancestral", "karras", cond, cond, latent,
+                                                1.0, **{"lambda": LAM}).result[0]["samples"]
     never, state = run(ac, pair, 4, split_at=1e-6)  # below every σ of the schedule
     assert torch.equal(plain, never)
     assert state.passes_per_step() == pytest.approx(2.0) and state.summary()["weighted_steps"] == 0
