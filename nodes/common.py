@@ -1,6 +1,7 @@
 """Shared input definitions and error wording for the node classes."""
 from __future__ import annotations
 
+import inspect
 import math
 
 from comfy_api.latest import io
@@ -59,6 +60,27 @@ def schema(node_id, display_name, description, inputs, outputs, **flags):
     """A DeRaDiff node's V3 schema: the pack's category and search words on every node."""
     return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
                      inputs=inputs, outputs=outputs, **flags, **search_aliases(*SEARCH_ALIASES))
+
+
+def combo_validation(*names):
+    """A ``validate_inputs`` that checks these combo inputs against their current choices.
+
+    ComfyUI 0.3.75's server checks a V1 combo's value at queue time but lets any value of a V3 combo
+    through to ``execute``; this restores the queue-time refusal on every version, naming the node
+    and the input. Its signature lists only these inputs, so ComfyUI still checks the others itself."""
+    def validate_inputs(cls, **values):
+        choices = {i.id: i.options for i in cls.define_schema().inputs if i.id in names}
+        for name, value in values.items():
+            if value is None or value in choices[name]:  # None: linked, checked when it runs
+                continue
+            return (f"{cls.NODE}: input '{name}': {value!r} is not in its list of choices "
+                    f"({len(choices[name])}). For a model file: put it in ComfyUI's models folder and press R "
+                    "to refresh the lists.")
+        return True
+    parameters = [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for name in names]
+    validate_inputs.__signature__ = inspect.Signature(parameters)  # what ComfyUI reads to pick the inputs
+    return classmethod(validate_inputs)
 
 
 class NodeInputError(ValueError):

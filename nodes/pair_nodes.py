@@ -14,7 +14,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..sampler.pair import PairError, describe, make_pair
-from .common import NodeInputError, Pair, beta_input, check_number, schema
+from .common import NodeInputError, Pair, beta_input, check_number, combo_validation, schema
 
 log = logging.getLogger("DeRaDiff")
 
@@ -73,6 +73,7 @@ def _full_path(node, input_name, folder, name):
 
 class DeRaDiffLoadAlignedPair(io.ComfyNode):
     NODE = "Load Aligned Model Pair (DeRaDiff)"
+    validate_inputs = combo_validation('reference_ckpt_name', 'aligned_model')
     ABOUT = ("Loads a reference checkpoint and a model aligned from it (DPO, SPO, KTO, MaPO, "
              "reward fine-tune) as a DeRaDiff pair. The aligned model can be a full checkpoint "
              "or a diffusion-model-only file (original or diffusers layout).")

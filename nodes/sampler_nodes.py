@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..sampler.guider import DeRaDiffGuider
 from ..sampler.sampling import realigned_ksampler
-from .common import (check_full_pass_every, check_number, check_pair, check_sampler_inputs, check_sampling_numbers,
+from .common import (check_full_pass_every, combo_validation, check_number, check_pair, check_sampler_inputs, check_sampling_numbers,
                      conditioning_inputs, emulated_beta_text, full_pass_input, lambda_input, lambda_or_schedule,
                      pair_input, sampler_inputs, schedule_input, schema)
 from .particle_inputs import check_particles, particles_input, resample_ess_input
@@ -30,6 +30,7 @@ def _expert_inputs():
 
 class DeRaDiffKSampler(io.ComfyNode):
     NODE = "DeRaDiff KSampler"
+    validate_inputs = combo_validation('sampler_name', 'scheduler')
     ABOUT = ("A drop-in KSampler that samples from the geometric mixture of a reference and an "
              "aligned model: λ dials the alignment strength at sampling time (emulating a model "
              "aligned at β/λ) without retraining.")

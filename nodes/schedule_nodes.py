@@ -3,7 +3,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..sampler.schedules import SHAPES, LambdaSchedule, parse_values
-from .common import NodeInputError, Schedule, check_lambda_input, check_number, pair_input, schema
+from .common import NodeInputError, Schedule, combo_validation, check_lambda_input, check_number, pair_input, schema
 
 
 def _lambda(name, default, tooltip):
@@ -12,6 +12,7 @@ def _lambda(name, default, tooltip):
 
 class DeRaDiffLambdaSchedule(io.ComfyNode):
     NODE = "DeRaDiff λ Schedule"
+    validate_inputs = combo_validation('shape')
     ABOUT = ("λ along the denoising trajectory, for DeRaDiff KSampler / Guider / Realign Model "
              "(replaces their constant λ). Percents are absolute, like ComfyUI's own start/end "
              "percent inputs: λ is evaluated from the sigma each model call is made at, on the "

@@ -10,7 +10,7 @@ from ..sampler.plots import fmt_number, search_plot
 from ..sampler.rewards import KINDS, RewardModelError
 from ..sampler.search_run import (ImageSearchSetup, load_comfy_reward_model, register_reward_folder, reward_folders,
                                   reward_head_files, reward_path, run_search)
-from .common import (NodeInputError, check_conditioning, check_latent, check_number, check_pair, pair_input,
+from .common import (NodeInputError, check_conditioning, combo_validation, check_latent, check_number, check_pair, pair_input,
                      sampler_inputs, schema)
 from .particle_inputs import check_particles, particles_input, resample_ess_input
 from .v3_features import advanced
@@ -30,6 +30,7 @@ def _mean_sem(values):
 
 class DeRaDiffLoadRewardModel(io.ComfyNode):
     NODE = "DeRaDiff Load Reward Model"
+    validate_inputs = combo_validation('kind', 'model', 'aesthetic_head')
     ABOUT = ("Loads a reward model from models/reward_models (or a reward_models path in "
              "extra_model_paths.yaml) to score images: PickScore, CLIP score, LAION aesthetic v2 or a small torch scorer. "
              "Nothing is downloaded; the README's FAQ ('λ Search') says where each file comes from.")
@@ -130,6 +131,7 @@ def particle_summary(particles: int, ess: dict) -> str:
 
 class DeRaDiffLambdaSearch(io.ComfyNode):
     NODE = "DeRaDiff λ Search"
+    validate_inputs = combo_validation('sampler_name', 'scheduler')
     ABOUT = ("Finds the λ that maximises a reward model: samples a few λ for every prompt and seed "
              "(one batched pass per round, as λ Sweep), fits a Gaussian process to the mean reward "
              "against λ (each λ's noise from the spread of its scores), and picks the next λ by the "

@@ -11,7 +11,7 @@ from ..sampler.plots import fmt_number, labelled_grid
 from ..sampler.realign_model import realigned_model
 from ..sampler.schedules import parse_values
 from ..sampler.sweep import lambda_sweep
-from .common import (NodeInputError, check_full_pass_every, check_pair, check_sampler_inputs, check_sampling_numbers,
+from .common import (NodeInputError, check_full_pass_every, combo_validation, check_pair, check_sampler_inputs, check_sampling_numbers,
                      full_pass_input, lambda_input, lambda_or_schedule, pair_input, sampler_inputs, schedule_input,
                      schema)
 from .v3_features import advanced
@@ -40,6 +40,7 @@ def with_beta(label: str, beta) -> str:
 
 class DeRaDiffLambdaSweep(io.ComfyNode):
     NODE = "DeRaDiff λ Sweep"
+    validate_inputs = combo_validation('sampler_name', 'scheduler')
     ABOUT = ("The DeRaDiff evaluation protocol: several λ with one seed, in ONE batched sampling "
              "pass (every model call carries all λ). Each λ gives exactly what DeRaDiff KSampler "
              "gives for that λ and seed. Feed the images and labels to DeRaDiff Sweep Grid.")

@@ -262,6 +262,9 @@ CASES = {
                                "reference_ckpt_name", ["not in"]),
     "missing_aligned_file": (lambda: sampler_graph(aligned="loras/no_such_lora.safetensors"), V, PAIR,
                              "aligned_model", ["not in"]),
+    # V3 combos: refused when queued on every ComfyUI (0.3.75's server itself lets them through)
+    "unknown_sampler_name": (lambda: sampler_graph(sampler_name="no_such_sampler"), V, KS, "sampler_name", ["not in"]),
+    "sweep_unknown_scheduler": (lambda: sweep_graph(scheduler="no_such_scheduler"), V, SWEEP, "scheduler", ["not in"]),
     "make_pair_link_to_wrong_output": (make_pair_wrong_link, V, "DeRaDiffMakePair", "aligned", ["CLIP"]),
     # ComfyUI's validation lets a plain value through where a link of a custom type is expected
     # (found by the fuzz: a string as positive crashed deep in the sampler)
