@@ -835,7 +835,7 @@ def write_workflows(comfy_root=None, names=None):
 # /global_subgraphs; the front end lists each under "Subgraph Blueprints" in its node library and search, named
 # after the file. A blueprint is a workflow whose only node is an instance of a subgraph in definitions.subgraphs.
 BLUEPRINT_DIR = REPO / "subgraphs"
-BLUEPRINT_NAME = "DeRaDiff λ Sweep Grid"
+BLUEPRINT_NAME = "DeRaDiff Lambda Sweep Grid"
 BLUEPRINT_SOURCE = "deradiff_lambda_sweep_grid"  # the example workflow the group is taken from
 BLUEPRINT_TYPES = ["DeRaDiffLambdaSweep", "VAEDecode", "DeRaDiffSweepGrid"]
 BLUEPRINT_CATEGORY = "DeRaDiff"

@@ -1201,7 +1201,7 @@ CONNECT_JS = r"""
 
 
 def test_sweep_grid_blueprint_is_offered_and_runs(ui, server):
-    """subgraphs/DeRaDiff λ Sweep Grid.json (made in the front end: python tests/browser_helpers.py --blueprint)
+    """subgraphs/DeRaDiff Lambda Sweep Grid.json (made in the front end: python tests/browser_helpers.py --blueprint)
     is served by ComfyUI as a blueprint of this pack, the node search offers it under Subgraph Blueprints, and,
     added from there to a graph of the tiny family's pair, prompts and latent, it runs and saves a grid."""
     from browser_helpers import BLUEPRINT_CATEGORY, BLUEPRINT_DIR, BLUEPRINT_NAME, workflow_spec, BUILD_JS
@@ -1233,7 +1233,7 @@ def test_sweep_grid_blueprint_is_offered_and_runs(ui, server):
     # where users find blueprints: the node search (double click on the canvas), under Subgraph Blueprints
     x, y = page.evaluate("() => app.canvasPosToClientPos([1000, 300])")
     page.mouse.dblclick(x, y)
-    page.keyboard.type("λ Sweep Grid", delay=20)
+    page.keyboard.type("Lambda Sweep Grid", delay=20)
     option = page.locator("[role=option], li").filter(has_text=BLUEPRINT_NAME).filter(has_text="Subgraph Blueprints").first
     option.wait_for(timeout=15_000)
     assert BLUEPRINT_CATEGORY in option.inner_text(), option.inner_text()
