@@ -266,6 +266,13 @@ app.registerExtension({
         const r = widget(this, "resample_ess");
         const rv = Number(r?.value);
         if (r && (r.value === "" || r.value == null || !(rv >= 0 && rv <= 1))) r.value = 0.5;
+        // and particle_rule / particle_select_sigma, added after those
+        const rule = widget(this, "particle_rule");
+        const rules = rule?.options?.values;
+        if (rule && Array.isArray(rules) && !rules.includes(rule.value)) rule.value = "trapezoid";
+        const sel = widget(this, "particle_select_sigma");
+        const sv = Number(sel?.value);
+        if (sel && (sel.value === "" || sel.value == null || !(sv >= 0) || !Number.isFinite(sv))) sel.value = 0;
       });
     }
     const relevant = SAMPLER_NODES.has(name) || PAIR_NODES.has(name) || name === SCHEDULE_NODE || name === GRID_NODE

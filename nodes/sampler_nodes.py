@@ -9,7 +9,8 @@ from ..sampler.sampling import realigned_ksampler
 from .common import (check_full_pass_every, combo_validation, check_number, check_pair, check_sampler_inputs, check_sampling_numbers,
                      conditioning_inputs, emulated_beta_text, full_pass_input, lambda_input, lambda_or_schedule,
                      pair_input, sampler_inputs, schedule_input, schema)
-from .particle_inputs import check_particles, particles_input, resample_ess_input
+from .particle_inputs import (check_particle_options, check_particles, particle_rule_input, particle_select_input,
+                              particles_input, resample_ess_input)
 
 log = logging.getLogger("DeRaDiff")
 
@@ -25,12 +26,13 @@ def _ui(text, schedule_text):
 
 
 def _expert_inputs():
-    return [schedule_input(), full_pass_input(), particles_input(), resample_ess_input()]
+    return [schedule_input(), full_pass_input(), particles_input(), resample_ess_input(), particle_rule_input(),
+            particle_select_input()]
 
 
 class DeRaDiffKSampler(io.ComfyNode):
     NODE = "DeRaDiff KSampler"
-    validate_inputs = combo_validation('sampler_name', 'scheduler')
+    validate_inputs = combo_validation('sampler_name', 'scheduler', 'particle_rule')
     ABOUT = ("A drop-in KSampler that samples from the geometric mixture of a reference and an "
              "aligned model: λ dials the alignment strength at sampling time (emulating a model "
              "aligned at β/λ) without retraining.")
@@ -52,10 +54,11 @@ class DeRaDiffKSampler(io.ComfyNode):
         text = _ui_text(pair, lam, schedule_text)
         log.info("DeRaDiff KSampler: %s", text)
         particles, resample_below = check_particles(cls.NODE, kwargs, every)
+        options = check_particle_options(cls.NODE, kwargs)
         if particles > 1:
             from ..sampler.particle_sampler import particle_ksampler
             out, state = particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                           latent_image, denoise, particles, resample_below, cls.NODE)
+                                           latent_image, denoise, particles, resample_below, cls.NODE, **options)
             ui = _ui(text, schedule_text)
             ui["deradiff_particles"] = [state.summary_text()]
             return io.NodeOutput(out, ui=ui)
@@ -66,6 +69,7 @@ class DeRaDiffKSampler(io.ComfyNode):
 
 class DeRaDiffGuiderNode(io.ComfyNode):
     NODE = "DeRaDiff Guider"
+    validate_inputs = combo_validation('particle_rule')
     ABOUT = ("DeRaDiff realignment as a GUIDER for SamplerCustomAdvanced, so custom sigmas, "
              "samplers and noise work too.")
 
@@ -85,9 +89,10 @@ class DeRaDiffGuiderNode(io.ComfyNode):
         check_sampler_inputs(cls.NODE, positive, negative)
         every = check_full_pass_every(cls.NODE, kwargs.get("full_pass_every", 1))
         particles, resample_below = check_particles(cls.NODE, kwargs, every)
+        options = check_particle_options(cls.NODE, kwargs)
         if particles > 1:  # the particle loop replaces the SAMPLER given to SamplerCustomAdvanced at run time
             from ..sampler.particle_sampler import ParticleGuider
-            guider = ParticleGuider(pair, lam, cfg, particles, resample_below, cls.NODE)
+            guider = ParticleGuider(pair, lam, cfg, particles, resample_below, cls.NODE, **options)
         else:
             guider = DeRaDiffGuider(pair, lam, cfg, every)
         guider.set_conds(positive, negative)

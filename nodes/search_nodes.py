@@ -12,7 +12,8 @@ from ..sampler.search_run import (ImageSearchSetup, load_comfy_reward_model, reg
                                   reward_head_files, reward_path, run_search)
 from .common import (NodeInputError, check_conditioning, combo_validation, check_latent, check_number, check_pair, pair_input,
                      sampler_inputs, schema)
-from .particle_inputs import check_particles, particles_input, resample_ess_input
+from .particle_inputs import (check_particle_options, check_particles, particle_rule_input, particle_select_input,
+                              particles_input, resample_ess_input)
 from .v3_features import advanced
 
 register_reward_folder()  # before the schemas list it
@@ -131,7 +132,7 @@ def particle_summary(particles: int, ess: dict) -> str:
 
 class DeRaDiffLambdaSearch(io.ComfyNode):
     NODE = "DeRaDiff λ Search"
-    validate_inputs = combo_validation('sampler_name', 'scheduler')
+    validate_inputs = combo_validation('sampler_name', 'scheduler', 'particle_rule')
     ABOUT = ("Finds the λ that maximises a reward model: samples a few λ for every prompt and seed "
              "(one batched pass per round, as λ Sweep), fits a Gaussian process to the mean reward "
              "against λ (each λ's noise from the spread of its scores), and picks the next λ by the "
@@ -175,6 +176,8 @@ class DeRaDiffLambdaSearch(io.ComfyNode):
                 "mode weights when alignment reweights separate modes). Costs N times the model calls, and λ "
                 "values run one at a time instead of batched. Needs euler_ancestral or ddpm. 1 = off.")),
             resample_ess_input(),
+            particle_rule_input(),
+            particle_select_input(),
         ], [
             io.Float.Output(display_name="best_lambda", tooltip="The λ with the highest predicted mean reward."),
             io.Image.Output(display_name="plot", tooltip=(
@@ -192,6 +195,7 @@ class DeRaDiffLambdaSearch(io.ComfyNode):
                 max_lambdas_per_pass=0, **kwargs):
         check_pair(cls.NODE, pair)
         particles, resample_below = check_particles(cls.NODE, kwargs)
+        particle_options = check_particle_options(cls.NODE, kwargs)
         if particles > 1:
             from ..sampler.particle_sampler import STOCHASTIC, refuse_sampler
             if sampler_name not in STOCHASTIC:
@@ -214,7 +218,7 @@ class DeRaDiffLambdaSearch(io.ComfyNode):
         positives = [comfy_nodes.CLIPTextEncode().encode(clip, text)[0] for text in lines]
         setup = ImageSearchSetup(pair, lines, positives, negative, latent_image, seed, steps, cfg, sampler_name,
                                  scheduler, vae, reward_model, watch_reward_model, max_lambdas_per_pass, int(budget),
-                                 particles, resample_below, cls.NODE)
+                                 particles, resample_below, cls.NODE, particle_options=particle_options)
         search = LambdaSearch(float(lambda_min), float(lambda_max), int(budget), int(lambdas_per_round),
                               initial=min(4, int(budget)))
         result = run_search(search, setup.evaluate)

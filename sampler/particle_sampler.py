@@ -65,6 +65,14 @@ def check_full_noise(node: str, options: dict):
             "particles to 1."))
 
 
+def check_proposal_kernel(node: str, proposal, kernel: str):
+    """The proposal's kernel-ratio weight is written for euler_ancestral's Gaussian step only."""
+    if proposal is not None and kernel != "euler_ancestral":
+        raise ParticleModeError(node, "particle_rule", (
+            f"the aligned proposal is built for euler_ancestral's step; the sampler is {kernel}. Choose "
+            "euler_ancestral, or the trapezoid or start rule."))
+
+
 def kernel_of(sampler):
     """('euler_ancestral' | 'ddpm', extra options) for a SAMPLER ComfyUI made for those kernels, else None."""
     fn = getattr(sampler, "sampler_function", None)
@@ -262,6 +270,7 @@ class ParticleGuider(DeRaDiffGuider):
             refuse_sampler(self.node, name.replace("sample_", ""), "particles")
         kernel, options = found
         check_full_noise(self.node, options)
+        check_proposal_kernel(self.node, self.proposal, kernel)
         if getattr(latent_image, "is_nested", False):
             raise ParticleModeError(self.node, "particles", "nested latents (several latent shapes) are not supported")
         b = latent_image.shape[0]
@@ -301,6 +310,7 @@ def particle_ksampler(pair, lam, seed, steps, cfg, sampler_name, scheduler, posi
     from .sampling import finished_latent, ksampler_sigmas, prepare_latent
     if sampler_name not in STOCHASTIC:
         refuse_sampler(node, sampler_name)
+    check_proposal_kernel(node, proposal, sampler_name)
     reference = pair.reference
     latent_image = prepare_latent(reference, latent)
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))

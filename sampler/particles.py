@@ -322,9 +322,14 @@ class ParticleState:
         collapsed = self.collapsed_steps()
         text = (f"{self.particles} particles: ESS min {s['min_ess']:.1f}, mean {s['mean_ess']:.1f} over "
                 f"{s['weighted_steps']} steps; resampled {s['resamples']}x")
-        if self.cheaper:
-            text += f"; particles from σ {self.split_at:g}" + (
-                f", one drawn at σ {self.selected_at:.3g}" if self.selected_at is not None else "")
+        if self.proposal is not None:
+            text += "; proposed from the aligned model" if self.proposal == 0 else f"; proposal f {self.proposal:g}"
+        elif self.weight_rule != "trapezoid":
+            text += f"; {self.weight_rule} weight rule"
+        if self.split_at < math.inf:
+            text += f"; particles from σ {self.split_at:g}"
+        if self.selected_at is not None:
+            text += f"; one drawn at σ {self.selected_at:.3g}"
         if self.model_calls:
             text += f"; {self.passes_per_step():.1f} model passes per step"
         if collapsed:

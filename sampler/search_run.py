@@ -150,6 +150,7 @@ class ImageSearchSetup:
     particles: int = 1  # > 1: every λ sampled by the particle mode (one λ per run, N particles per image)
     resample_below: float = 0.5
     node: str = "DeRaDiff λ Search"
+    particle_options: dict = field(default_factory=dict)  # particle_ksampler's rule options (select_below, ...)
     ess: dict = field(default_factory=dict)  # λ -> the particle runs' ESS summaries
     latents: dict = field(default_factory=dict)  # λ -> sampled latents, prompt-major
     _done: int = 0  # progress units (one per λ, prompt and step) finished
@@ -181,7 +182,7 @@ class ImageSearchSetup:
         for lam in lams:
             out, state = particle_ksampler(self.pair, lam, self.seed, self.steps, self.cfg, self.sampler_name,
                                            self.scheduler, positive, self.negative, self.latent, 1.0, self.particles,
-                                           self.resample_below, self.node,
+                                           self.resample_below, self.node, **self.particle_options,
                                            callback=self._callback(1) if progress else (lambda *a: None))
             self.ess.setdefault(lam, []).append(state.summary())
             parts.append(out["samples"])

@@ -35,6 +35,29 @@ COMPARED_FIELDS = ("input", "input_order", "output", "output_is_list", "output_n
 V3_INPUT_EXTRAS = ("advanced",)
 
 
+# Optional inputs added after the V1 snapshot, with their defaults. They come last, so a workflow saved
+# before them loads every old widget value in place (js/deradiff.js resets a stray display-box value that
+# lands on them), and a saved prompt without them runs exactly as before.
+ADDED_INPUTS = {node: {"particle_rule": "trapezoid", "particle_select_sigma": 0.0}
+                for node in ("DeRaDiffKSampler", "DeRaDiffGuider", "DeRaDiffLambdaSearch")}
+
+
+def without_added_inputs(node_id: str, info: dict) -> dict:
+    """``info`` (normalised) without the inputs added after the snapshot; each must be optional, at the end
+    of the optional inputs, with its listed default."""
+    added = ADDED_INPUTS.get(node_id, {})
+    if not added:
+        return info
+    info = json.loads(json.dumps(info))
+    optional, order = info["input"].get("optional", {}), info["input_order"].get("optional", [])
+    assert order[-len(added):] == list(added), f"{node_id}: the added inputs {list(added)} must come last: {order}"
+    for name, default in added.items():
+        spec = optional.pop(name)
+        assert len(spec) > 1 and spec[1].get("default") == default, f"{node_id}: {name} default {spec}"
+    info["input_order"]["optional"] = order[:-len(added)]
+    return info
+
+
 def comfyui_version(comfy_root) -> str:
     text = (Path(comfy_root) / "comfyui_version.py").read_text()
     return text.split('"')[1]

@@ -209,7 +209,20 @@ def test_lambda_search_with_particles(pack, comfy, reward_dir):
         images = run.decode(vae, want)
         assert e.scores == pytest.approx(reward.score(images, ["a red fox"] * 2).tolist())
         assert [s["weighted_steps"] for s in setup.ess[e.lam]] == [1]  # euler_ancestral, 2 steps: one noisy step
+    # the particle rule inputs reach every evaluated λ as they reach DeRaDiff KSampler
+    options = {"particle_rule": "aligned proposal", "particle_select_sigma": 5.0}
+    setup = run.ImageSearchSetup(pair, ["a red fox"], [positive], negative, latent, 3, 2, 5.0, "euler_ancestral",
+                                 "normal", vae, reward, budget=1, particles=3,
+                                 particle_options=pack.nodes.particle_inputs.check_particle_options("x", options))
+    setup.evaluate([1.5])
+    want = ksampler.execute(pair, 3, 2, 5.0, "euler_ancestral", "normal", positive, negative, latent,
+                            **{"lambda": 1.5, "particles": 3, **options}).result[0]["samples"]
+    assert torch.equal(setup.latents[1.5], want.cpu())
+    assert setup.ess[1.5][0]["selected_at"] is not None
     node = pack.nodes.DeRaDiffLambdaSearch()
+    with pytest.raises(ValueError, match="DeRaDiff λ Search: input 'particle_rule': the aligned proposal"):
+        node.execute(pair, clip, vae, reward, "x", negative, latent, 3, 2, 5.0, "ddpm", "normal", 0.0, 2.0, 3, 2,
+                     particles=2, particle_rule="aligned proposal")
     out = node.execute(pair, clip, vae, reward, "a red fox", negative, latent, 3, 2, 5.0, "euler_ancestral", "normal",
                        0.0, 2.0, 3, 2, particles=2)
     assert 0.0 <= out.result[0] <= 2.0

@@ -16,12 +16,13 @@ import pytest
 
 import object_info_compat as compat
 
+PARTICLE_EXPERT = {"particles", "resample_ess", "particle_rule", "particle_select_sigma"}
 ADVANCED_INPUTS = {
-    "DeRaDiffKSampler": {"full_pass_every", "particles", "resample_ess"},
-    "DeRaDiffGuider": {"full_pass_every", "particles", "resample_ess"},
+    "DeRaDiffKSampler": {"full_pass_every", *PARTICLE_EXPERT},
+    "DeRaDiffGuider": {"full_pass_every", *PARTICLE_EXPERT},
     "DeRaDiffRealignModel": {"full_pass_every"},
     "DeRaDiffLambdaSweep": {"full_pass_every", "max_lambdas_per_pass"},
-    "DeRaDiffLambdaSearch": {"budget", "lambdas_per_round", "max_lambdas_per_pass", "particles", "resample_ess"},
+    "DeRaDiffLambdaSearch": {"budget", "lambdas_per_round", "max_lambdas_per_pass", *PARTICLE_EXPERT},
 }
 EXPERIMENTAL_NODES = {"DeRaDiffLambdaSearch"}
 SEARCH_ALIASES = ["alignment strength", "DPO", "realign", "beta", "KL"]
@@ -47,7 +48,7 @@ def _split_hidden(node_id, info):
 
 
 def _assert_same_api(node_id, live_info, want_info, compare_module=True):
-    live, hidden = _split_hidden(node_id, compat.normalise(node_id, live_info))
+    live, hidden = _split_hidden(node_id, compat.without_added_inputs(node_id, compat.normalise(node_id, live_info)))
     want, want_hidden = _split_hidden(node_id, compat.normalise(node_id, want_info))
     if want["output_node"]:
         assert hidden == {**want_hidden, **OUTPUT_NODE_HIDDEN}, hidden
@@ -82,7 +83,9 @@ def test_object_info_comparison_can_fail(pack, snapshot):
     info = pack.NODE_CLASS_MAPPINGS["DeRaDiffKSampler"].GET_NODE_INFO_V1()
     for change in (lambda i: i["input"]["optional"]["full_pass_every"][1].__setitem__("default", 2),
                    lambda i: i["output_name"].__setitem__(0, "latent"),
-                   lambda i: i["input"]["required"].__setitem__("pair", ["DERADIFF_PAIR2", {}])):
+                   lambda i: i["input"]["required"].__setitem__("pair", ["DERADIFF_PAIR2", {}]),
+                   lambda i: i["input"]["optional"]["particle_rule"][1].__setitem__("default", "start"),
+                   lambda i: i["input_order"]["optional"].append(i["input_order"]["optional"].pop(0))):
         changed = json.loads(json.dumps(info))
         change(changed)
         with pytest.raises(AssertionError):

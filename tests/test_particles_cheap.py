@@ -186,3 +186,53 @@ def test_proposal_at_lambda_itself_is_the_start_rule(ac, counted):
     assert torch.equal(s0.logw, s1.logw)
     other, s2 = go(proposal=0.5)
     assert not torch.equal(start, other) and s2.summary()["weighted_steps"] == s0.summary()["weighted_steps"]
+
+
+def ksampler_node(pack, ac, pair, lam=LAM, sampler="euler_ancestral", **inputs):
+    cond = ac.conditioning()
+    return pack.nodes.DeRaDiffKSampler.execute(pair, 5, 10, 1.0, sampler, "karras", cond, cond,
+                                               ac.empty_latent(H * H, batch=2), 1.0, **{"lambda": lam}, **inputs)
+
+
+def test_node_inputs_reach_the_particle_run(ac, counted, pack):
+    """particle_select_sigma and particle_rule on DeRaDiff KSampler give the particle run of those options,
+    bit for bit; at their defaults the node is today's particle mode; the ESS line says what ran."""
+    pair, _ = counted
+    today, _ = run(ac, pair, 4)
+    node = ksampler_node(pack, ac, pair, particles=4, particle_rule="trapezoid", particle_select_sigma=0.0)
+    assert torch.equal(node.result[0]["samples"], today)
+    cheap, state = run(ac, pair, 4, select_below=0.5)
+    node = ksampler_node(pack, ac, pair, particles=4, particle_select_sigma=0.5)
+    assert torch.equal(node.result[0]["samples"], cheap) and not torch.equal(cheap, today)
+    line = node.ui["deradiff_particles"][0]
+    assert line == state.summary_text() and "one drawn at σ" in line and "from σ inf" not in line
+    assert state.passes_per_step() < 8.0
+    proposed, state = run(ac, pair, 4, proposal=0.0)
+    node = ksampler_node(pack, ac, pair, particles=4, particle_rule="aligned proposal")
+    assert torch.equal(node.result[0]["samples"], proposed) and "proposed from the aligned model" in state.summary_text()
+    started, _ = run(ac, pair, 4, weight_rule="start")
+    node = ksampler_node(pack, ac, pair, particles=4, particle_rule="start")
+    assert torch.equal(node.result[0]["samples"], started)
+
+
+def test_guider_node_passes_the_particle_options(ac, counted, pack):
+    pair, _ = counted
+    cond = ac.conditioning()
+    guider = pack.nodes.DeRaDiffGuiderNode.execute(pair, cond, cond, 1.0, **{"lambda": 2.0}, particles=4,
+                                                   particle_rule="aligned proposal",
+                                                   particle_select_sigma=0.3).result[0]
+    assert (guider.particles, guider.proposal, guider.select_below) == (4, 0.0, 0.3)
+    plain = pack.nodes.DeRaDiffGuiderNode.execute(pair, cond, cond, 1.0, **{"lambda": 2.0}, particles=4).result[0]
+    assert (plain.proposal, plain.select_below, plain.weight_rule) == (None, 0.0, "trapezoid")
+
+
+@pytest.mark.parametrize("inputs, sampler, message", [
+    ({"particle_rule": "middle"}, "euler_ancestral", "input 'particle_rule': expected one of"),
+    ({"particle_select_sigma": -1.0}, "euler_ancestral", "input 'particle_select_sigma'"),
+    ({"particle_select_sigma": float("nan")}, "euler_ancestral", "input 'particle_select_sigma'"),
+    ({"particle_rule": "aligned proposal"}, "ddpm", "input 'particle_rule': the aligned proposal is built for"),
+])
+def test_bad_particle_options_name_node_and_input(ac, counted, pack, inputs, sampler, message):
+    pair, _ = counted
+    with pytest.raises(ValueError, match="DeRaDiff KSampler: " + message):
+        ksampler_node(pack, ac, pair, sampler=sampler, particles=4, **inputs)
