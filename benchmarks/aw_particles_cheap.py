@@ -85,6 +85,10 @@ RULES = (
     Rule("N=32 propose λ_p=1", 32, "left", proposal_lam=0.0),
     Rule("N=32 propose λ_p=λ", 32, "left", proposal_lam=1.0),  # the check: the same as left N=32 in law
     Rule("N=8 propose λ_p=1", 8, "left", proposal_lam=0.0),
+    # the aligned proposal with fewer particles, and drawn early (the node's particle_rule / particle_select_sigma)
+    Rule("N=4 propose λ_p=1", 4, "left", proposal_lam=0.0),
+    Rule("N=4 until σ 0.5 propose λ_p=1", 4, "left", select_below=0.5, proposal_lam=0.0),
+    Rule("N=8 until σ 0.5 propose λ_p=1", 8, "left", select_below=0.5, proposal_lam=0.0),
 )
 
 

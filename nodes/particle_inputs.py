@@ -34,11 +34,12 @@ PARTICLE_RULE_TOOLTIP = (
     "How the particles are stepped and weighted (only used when particles > 1). "
     "trapezoid (default): step with the λ mix, weight each interval by the trapezoid rule over its two model "
     "calls. start: the same step, |ΔD|² taken at the start of each step. aligned proposal (euler_ancestral "
-    "only): step with the aligned model (λ 1) and weight each step by the exact ratio of the λ mix's kernel "
-    "to the aligned one's; for λ > 1, where the target puts weight back on modes the plain mix never reaches. "
-    "Measured in two test worlds with 32 particles (benchmarks/aw_particles_cheap.py, docs/particles.md): the "
-    "error left at λ 2 was 6–7 % of plain DeRaDiff's with the aligned proposal against 38 % with trapezoid, "
-    "at λ 3 7 % / 1 % against 37 % / 75 %. Not measured at λ < 1: keep trapezoid there.")
+    "only; for λ > 1): at steps with λ > 1 step with the aligned model (λ 1) and weight each step by the exact "
+    "ratio of the λ mix's kernel to the aligned one's, which reaches the modes the target puts weight back on "
+    "and the plain mix misses; at λ ≤ 1 it is the start rule (proposing from the aligned model there "
+    "overshoots the target). Measured in two test worlds with 32 particles (benchmarks/aw_particles_cheap.py, "
+    "docs/particles.md): the error left at λ 2 was 6–7 % of plain DeRaDiff's with the aligned proposal "
+    "against 38 % with trapezoid, at λ 3 7 % / 1 % against 37 % / 75 %.")
 
 PARTICLE_SELECT_TOOLTIP = (
     "Cheaper particles: at the first step below this noise level σ, draw one particle per image with the "

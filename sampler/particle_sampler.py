@@ -149,8 +149,10 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
                                                                      extra_args.get("denoise_mask"))
             # the interval from the previous model call to this one, both ends known now (trapezoid
             # rule, particles.trapezoid_weights); weighted and resampled before this step is taken
+            # the proposal only where λ > 1: below it the aligned model overshoots the target by more than the
+            # weights can take back (benchmarks/aw_particles_cheap.py), so those steps use the mix and the start rule
             propose = (state.proposal is not None and kernel == "euler_ancestral" and current is not None
-                       and float(sigma_down) > 0)
+                       and float(sigma_down) > 0 and lam > 1.0)
             if propose:  # weighted after the step (the weight needs the step's noise), below
                 inc = None
             elif state.weight_rule == "start" or state.proposal is not None:  # |ΔD|² frozen at the step start

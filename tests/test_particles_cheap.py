@@ -236,3 +236,13 @@ def test_bad_particle_options_name_node_and_input(ac, counted, pack, inputs, sam
     pair, _ = counted
     with pytest.raises(ValueError, match="DeRaDiff KSampler: " + message):
         ksampler_node(pack, ac, pair, sampler=sampler, particles=4, **inputs)
+
+
+def test_aligned_proposal_below_lambda_one_is_the_start_rule(ac, counted):
+    """particle_rule "aligned proposal" proposes only at steps with λ > 1; at λ = 0.5 the run is the start rule's
+    bit for bit, resampling included (proposing from the aligned model there overshoots the target)."""
+    pair, _ = counted
+    start, s0 = run(ac, pair, 4, weight_rule="start")
+    proposal, s1 = run(ac, pair, 4, proposal=0.0)
+    assert torch.equal(start, proposal) and torch.equal(s0.logw, s1.logw)
+    assert s0.summary()["resamples"] == s1.summary()["resamples"]
