@@ -112,3 +112,13 @@ def sample_deradiff(pack, pair, lam, latent, sampler, steps, seed, scheduler="ka
 
 def make_pair(pack, reference, aligned, beta=0.0):
     return pack.nodes.DeRaDiffMakePair.execute(reference, aligned, beta)[0]
+
+
+def hard_pair(pack, wrap=None):
+    """(reference world, reward weights, pair) of the hard world (8-mode ring, radius 4, std 0.3; the aligned
+    model tilted by rewards [1, 0.5] at β 1). ``wrap``: applied to each model's denoiser (e.g. to count calls)."""
+    import aw_world as aw
+    wrap = wrap or (lambda denoise: denoise)
+    ref = aw.ring(8, 4.0, (0.3,))
+    w = torch.tensor([1.0, 0.5], dtype=aw.F64)
+    return ref, w, make_pair(pack, world_model(wrap(ref.denoise)), world_model(wrap(ref.tilt(w, 1.0).denoise)), 1.0)

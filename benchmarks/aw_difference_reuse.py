@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import math
 import sys
 import time
@@ -38,6 +37,7 @@ for _p in (REPO / "benchmarks", REPO / "tests", REPO / "scripts"):
 import torch  # noqa: E402
 
 import aw_world as aw  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 START, END = "<!-- difference-reuse:start -->", "<!-- difference-reuse:end -->"
 RESULTS = REPO / "benchmarks" / "results"
@@ -390,13 +390,9 @@ def main(argv=None):
     command = "python benchmarks/aw_difference_reuse.py" + (" --tiny" if args.tiny else "") + \
         (f" --points {args.points}" if args.points else "") + f" --threads {args.threads}"
     section = render(res, command)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "aw_difference_reuse.md").write_text(section)
-    (out / "aw_difference_reuse.json").write_text(json.dumps(res, indent=1))
+    write_results(args.out, "aw_difference_reuse", section, res)
     if not args.no_readme:
         write_readme(section)
-    print(section)
     return res
 
 

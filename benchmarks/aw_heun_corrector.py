@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from dataclasses import replace
@@ -28,6 +27,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 
 import aw_difference_reuse as adr  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -97,11 +97,7 @@ def main(argv=None):
                      f"cells; \"{rule}\" moves E[r] from k = 1 by up to {worst:.3f} "
                      f"(corrector full: {max(abs(r['corrector full']['vs1_err']) for r in rows):.3f}).")
     text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "aw_heun_corrector.md").write_text(text)
-    (out / "aw_heun_corrector.json").write_text(json.dumps(rows, indent=1))
-    print(text)
+    write_results(args.out, "aw_heun_corrector", text, rows)
     return rows
 
 

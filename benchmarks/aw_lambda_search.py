@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import statistics
 import sys
@@ -59,6 +58,7 @@ for _p in (REPO / "benchmarks", REPO / "tests", REPO / "scripts"):
 import torch  # noqa: E402
 
 import aw_world as aw  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 PACK = "comfyui_deradiff"
@@ -398,10 +398,7 @@ def main(argv=None):
         "".join(f" --compare-module {p}" for p in args.compare_module) + f" --threads {args.threads}"
     res["command"], res["seconds"], res["samples_reused"] = command, seconds, reused
     section = render(res, command + (f" --bank {args.bank}" if args.bank else ""), seconds, reused)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "aw_lambda_search.md").write_text(section)
-    (args.out / "aw_lambda_search.json").write_text(json.dumps(res, indent=1))
-    print(section)
+    write_results(args.out, "aw_lambda_search", section, res)
     return res
 
 

@@ -24,7 +24,6 @@ prediction (it telescopes to exp(λ·r(x0)/β), the same target p_ref·exp(λr/�
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -39,6 +38,7 @@ for _p in (REPO / "benchmarks", REPO / "tests", REPO / "scripts"):
 import torch  # noqa: E402
 
 import aw_world as aw  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -268,13 +268,9 @@ def main(argv=None):
             cfg = replace(cfg, **{key: getattr(args, key)})
     pack = setup()
     res = run(cfg, pack)
-    command = "python benchmarks/aw_particles.py" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
-    section = render(res, command.strip())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "aw_particles.md").write_text(section)
-    (out / "aw_particles.json").write_text(json.dumps(res, indent=1))
-    print(section)
+    command = command_line("aw_particles.py", argv)
+    section = render(res, command)
+    write_results(args.out, "aw_particles", section, res)
     return res
 
 

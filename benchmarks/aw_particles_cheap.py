@@ -31,7 +31,6 @@ exact mode weights (mean over seeds).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -45,11 +44,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 import aw_world as aw  # noqa: E402
 from aw_difference_reuse import world  # noqa: E402
+from aw_world import particle_math  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("deradiff_particles_math", REPO / "sampler" / "particles.py")
-P = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = P
-_spec.loader.exec_module(P)
+P = particle_math()  # the pack's sampler/particles.py
 
 F64 = torch.float64
 RESULTS = REPO / "benchmarks" / "results"
@@ -367,13 +365,9 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown rules {sorted(unknown)}; known: {[r.label for r in RULES]}")
     res = run(cfg)
-    command = "python benchmarks/aw_particles_cheap.py" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
-    text = render(res, command.strip())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.md").write_text(text)
-    (out / f"{args.name}.json").write_text(json.dumps(res, indent=1))
-    print(text)
+    command = command_line("aw_particles_cheap.py", argv)
+    text = render(res, command)
+    write_results(args.out, args.name, text, res)
     return res
 
 

@@ -24,11 +24,10 @@ only in a window of noise levels.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +38,7 @@ for _p in (REPO / "benchmarks", REPO / "tests", REPO / "scripts"):
 import torch  # noqa: E402
 
 import aw_world as aw  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 # (label, window (σ_low, σ_high) or None, temper exponent)
@@ -232,11 +232,7 @@ def main(argv=None):
     res = run(cfg, pack)
     command = "python benchmarks/aw_particles_highdim.py" + (" --tiny" if args.tiny else "")
     section = render(res, command)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "aw_particles_highdim.md").write_text(section)
-    (out / "aw_particles_highdim.json").write_text(json.dumps(res, indent=1))
-    print(section)
+    write_results(args.out, "aw_particles_highdim", section, res)
     return res
 
 

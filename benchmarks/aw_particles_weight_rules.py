@@ -27,8 +27,6 @@ exact p_(β/λ).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import math
 import sys
 import time
@@ -40,11 +38,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 from aw_difference_reuse import world  # noqa: E402  (the ring and hard worlds of aw_particles.py)
+from aw_world import particle_math  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("deradiff_particles_math", REPO / "sampler" / "particles.py")
-P = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = P
-_spec.loader.exec_module(P)
+P = particle_math()  # the pack's sampler/particles.py
 
 F64 = torch.float64
 RULES = ("left", "trapezoid", "right")
@@ -191,14 +188,9 @@ def main(argv=None):
         if getattr(args, key) is not None:
             cfg = replace(cfg, **{key: getattr(args, key)})
     res = run(cfg)
-    command = "python benchmarks/aw_particles_weight_rules.py" + " ".join(
-        [""] + (argv if argv is not None else sys.argv[1:]))
-    text = render(res, command.strip())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "aw_particles_weight_rules.md").write_text(text)
-    (out / "aw_particles_weight_rules.json").write_text(json.dumps(res, indent=1))
-    print(text)
+    command = command_line("aw_particles_weight_rules.py", argv)
+    text = render(res, command)
+    write_results(args.out, "aw_particles_weight_rules", text, res)
     return res
 
 

@@ -14,8 +14,11 @@ Everything here is float64.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -199,3 +202,15 @@ def interpolate_weights(a: torch.nn.Module, b: torch.nn.Module, lam: float) -> t
     out.load_state_dict({k: torch.lerp(v, sb[k], lam) if v.is_floating_point() else v
                          for k, v in a.state_dict().items()})
     return out
+
+
+def particle_math():
+    """The pack's particle math (sampler/particles.py: pure torch, no ComfyUI import), loaded by file path
+    so the pure-torch benchmarks run it without ComfyUI; loaded once per process."""
+    name = "deradiff_particles_math"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "sampler" / "particles.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

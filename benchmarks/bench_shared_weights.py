@@ -129,7 +129,6 @@ def main():
             if out.returncode != 0:
                 sys.exit(f"{config} failed:\n{out.stderr[-3000:]}")
             results[config].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    ref_t = statistics.median(r["s_per_step"] for r in results[CONFIGS[0]])
     ref_m = statistics.median(r["peak_bytes"] for r in results[CONFIGS[0]])
     two_t = statistics.median(r["s_per_step"] for r in results[CONFIGS[2]])
     print(f"{'tiny' if args.tiny else 'full-size'} SD1.5 UNet stand-ins, {args.size}x{args.size}, {args.steps} steps, λ=0.5, euler, "

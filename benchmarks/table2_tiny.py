@@ -468,7 +468,7 @@ def fmt_beta(b):
 
 def report(res: dict) -> str:
     s = res["settings"]
-    L = [f"# Table 2 in miniature: DeRaDiff(β_a, λ) vs from scratch at β_a/λ (tiny family)", "",
+    L = ["# Table 2 in miniature: DeRaDiff(β_a, λ) vs from scratch at β_a/λ (tiny family)", "",
          f"Command: `{res['command']}`  ", f"Date: {res['date']}  ", f"Machine: {res['machine']}  ",
          f"ComfyUI {res['comfyui']}, through its HTTP server (scripts/comfy_server.py); "
          f"{res['graphs_run']} graphs, {res['images_scored']} images read back from SaveImage and scored.  ",

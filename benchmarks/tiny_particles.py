@@ -21,7 +21,6 @@ the particles of each interval's increment, mean over images).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -33,7 +32,7 @@ for _p in (REPO / "benchmarks", REPO / "tests", REPO / "scripts"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-import torch  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -202,13 +201,9 @@ def main(argv=None):
         if getattr(args, key) is not None:
             cfg = replace(cfg, **{key: getattr(args, key)})
     res = run(cfg)
-    command = "python benchmarks/tiny_particles.py" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
-    text = render(res, command.strip())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.md").write_text(text)
-    (out / f"{args.name}.json").write_text(json.dumps(res, indent=1))
-    print(text)
+    command = command_line("tiny_particles.py", argv)
+    text = render(res, command)
+    write_results(args.out, args.name, text, res)
     return res
 
 

@@ -36,8 +36,8 @@ PARTICLE_RULE_TOOLTIP = (
     "calls. start: the same step, |ΔD|² taken at the start of each step. aligned proposal (euler_ancestral "
     "only; for λ > 1): at steps with λ > 1 step with the aligned model (λ 1) and weight each step by the exact "
     "ratio of the λ mix's kernel to the aligned one's, which reaches the modes the target puts weight back on "
-    "and the plain mix misses; at λ ≤ 1 it is the start rule (proposing from the aligned model there "
-    "overshoots the target). Measured in two test worlds with 32 particles (benchmarks/aw_particles_cheap.py, "
+    "and the plain mix misses; at λ ≤ 1 it is the trapezoid rule (proposing from the aligned model "
+    "there overshoots the target). Measured in two test worlds with 32 particles (benchmarks/aw_particles_cheap.py, "
     "docs/particles.md): the error left at λ 2 was 6–7 % of plain DeRaDiff's with the aligned proposal "
     "against 38 % with trapezoid, at λ 3 7 % / 1 % against 37 % / 75 %.")
 

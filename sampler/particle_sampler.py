@@ -150,12 +150,13 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
             # the interval from the previous model call to this one, both ends known now (trapezoid
             # rule, particles.trapezoid_weights); weighted and resampled before this step is taken
             # the proposal only where λ > 1: below it the aligned model overshoots the target by more than the
-            # weights can take back (benchmarks/aw_particles_cheap.py), so those steps use the mix and the start rule
+            # weights can take back (benchmarks/aw_particles_cheap.py), so those steps keep the weight rule
             propose = (state.proposal is not None and kernel == "euler_ancestral" and current is not None
                        and float(sigma_down) > 0 and lam > 1.0)
-            if propose:  # weighted after the step (the weight needs the step's noise), below
-                inc = None
-            elif state.weight_rule == "start" or state.proposal is not None:  # |ΔD|² frozen at the step start
+            if propose:  # this step is weighted after it is taken (the weight needs its noise), below; here only
+                # the trapezoid interval that ends at this call, when the step before was not a proposal
+                inc = interval_log_weight(last_call[1], current, last_call[0], sigma) if last_call and weighting else None
+            elif state.weight_rule == "start":  # |ΔD|² frozen at the step start
                 gain = (euler_ancestral_gain(sigma, float(sigmas[i + 1]), eta, s_noise) if kernel == "euler_ancestral"
                         else ddpm_gain(sigma, float(sigmas[i + 1])))
                 inc = -0.5 * gain * current if current is not None and gain > 0 else None
@@ -167,6 +168,8 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
                     x = gather_particles(x, ancestors, site_dims)
                     denoised = gather_particles(denoised, ancestors, site_dims)
                     current = None if current is None else gather_weights(current, ancestors)
+                    if propose:  # the proposal below steps with both predictions of each surviving particle
+                        d_ref, d_al = gather_particles(d_ref, ancestors, site_dims), gather_particles(d_al, ancestors, site_dims)
             if cheaper and phase == 1 and sigma <= state.split_at:
                 # clone the one particle N ways; the copies part at this step's noise (their weights agree
                 # up to here, so the first weighted interval starts at this call)
@@ -177,7 +180,9 @@ def particle_loop(model, x, sigmas, extra_args=None, callback=None, disable=None
                 choice = state.select((images, *sites))
                 x, denoised = pick(x, choice, n, site_dims), pick(denoised, choice, n, site_dims)
                 state.selected_at, phase, current = sigma, 3, None
-            last_call = (sigma, current)
+                propose = False  # one particle per image from here: plain DeRaDiff steps
+            # a proposal step weights its whole interval itself: the next trapezoid interval starts after it
+            last_call = None if propose else (sigma, current)
             if callback is not None:
                 callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
             step_noise = noise_for(x.shape[0], phase)

@@ -236,8 +236,8 @@ class ParticleState:
     λ, and each step is weighted by the exact ratio of the target kernel Z_λ·N(μ_λ, s²) to the proposal's
     N(μ_p, s²) (per-step, like "start"). f < 1 at λ > 1 proposes from a less concentrated mix, which reaches
     the low-reward modes the target puts weight back on. Only at steps with λ > 1: at λ < 1 a proposal nearer the
-    aligned model overshoots the target (measured), so there the particles step with the mix, weighted by the
-    start rule. None: propose at λ (today)."""
+    aligned model overshoots the target (measured), so there the particles step with the mix, weighted by
+    ``weight_rule``. None: propose at λ (today)."""
     particles: int
     seed: int
     resample_below: float = 0.5

@@ -30,6 +30,9 @@ sys.path.insert(0, str(HERE))
 import comfy_server  # noqa: E402
 import comfyui_runtime  # noqa: E402
 
+# the tiny family's prompt for the λ grid (the README's image; the browser test's tiny workflow too)
+TINY_PROMPT = "a large white circle in the middle on a grey background"
+
 
 def deradiff_graph(ref_name, aligned_choice, args, seed):
     return {
@@ -129,7 +132,7 @@ def main():
     args = ap.parse_args()
     tiny = args.reference is None
     defaults = (dict(size=32, beta=1000.0, cfg=4.0, out="deradiff_lambda_grid.png", negative="",
-                     prompt="a large white circle in the middle on a grey background") if tiny else
+                     prompt=TINY_PROMPT) if tiny else
                 dict(size=512, beta=0.0, cfg=7.0, out="deradiff.png", negative="blurry, low quality",
                      prompt="a photograph of a red fox in the snow"))
     args.width = args.width or defaults["size"]

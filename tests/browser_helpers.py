@@ -35,6 +35,7 @@ DOCS = REPO / "docs"
 ARTIFACTS = REPO / "test-artifacts"
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import PACK_DIR_NAME  # noqa: E402  (the folder name the launcher links the pack under)
+from run_deradiff import TINY_PROMPT  # noqa: E402  (the main job's prompt, shown in the tiny workflow)
 from run_tests import find_chromium  # noqa: E402
 
 # $DERADIFF_CHROMIUM, else /usr/bin/chromium or chromium-browser (scripts/run_tests.py installs Debian's)
@@ -482,7 +483,6 @@ def _sd35_flowgrpo():
     return nodes, links, models_metadata(SD35M)
 
 
-TINY_PROMPT = "a large white circle in the middle on a grey background"
 TINY_LAMBDAS = "0, 0.5, 1, 2, 4"
 TINY_SIZE, TINY_BATCH, TINY_UPSCALE = 32, 4, 4
 

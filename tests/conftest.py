@@ -87,6 +87,17 @@ def pytest_runtest_teardown(item, nextitem):
         server.free()
 
 
+@pytest.fixture(scope="module")
+def ac(comfy, pack):
+    """benchmarks/aw_comfy.py: the alignment world's closed-form models as ComfyUI models (progress bars off)."""
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    import aw_comfy
+    return aw_comfy
+
+
 @pytest.fixture(scope="module", autouse=True)
 def release_models_after_module():
     """Models a module loaded (comfy_helpers' per-name caches included) are dropped when it ends, so

@@ -23,19 +23,8 @@ H = 8  # latent side: 64 points per latent
 
 
 @pytest.fixture(scope="module")
-def ac(comfy, pack):
-    import comfy.utils
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    import aw_comfy
-    return aw_comfy
-
-
-@pytest.fixture(scope="module")
 def counted(ac, pack):
     """(pair, counter): the hard world's pair whose two models count the latent rows they evaluate."""
-    import aw_world as aw
-    ref = aw.ring(8, 4.0, (0.3,))
-    w = torch.tensor([1.0, 0.5], dtype=aw.F64)
     counter = {"rows": 0}
 
     def counting(denoise):
@@ -44,9 +33,7 @@ def counted(ac, pack):
             return denoise(points, sigma)
         return fn
 
-    pair = ac.make_pair(pack, ac.world_model(counting(ref.denoise)), ac.world_model(counting(ref.tilt(w, 1.0).denoise)),
-                        1.0)
-    return pair, counter
+    return ac.hard_pair(pack, wrap=counting)[2], counter
 
 
 def run(ac, pair, n, steps=10, batch=2, seed=5, **kw):
@@ -238,11 +225,56 @@ def test_bad_particle_options_name_node_and_input(ac, counted, pack, inputs, sam
         ksampler_node(pack, ac, pair, sampler=sampler, particles=4, **inputs)
 
 
-def test_aligned_proposal_below_lambda_one_is_the_start_rule(ac, counted):
-    """particle_rule "aligned proposal" proposes only at steps with λ > 1; at λ = 0.5 the run is the start rule's
-    bit for bit, resampling included (proposing from the aligned model there overshoots the target)."""
+def test_aligned_proposal_below_lambda_one_is_todays_rule(ac, counted):
+    """particle_rule "aligned proposal" proposes only at steps with λ > 1; at λ = 0.5 the run is today's trapezoid
+    rule bit for bit, resampling included (proposing from the aligned model there overshoots the target)."""
     pair, _ = counted
-    start, s0 = run(ac, pair, 4, weight_rule="start")
+    today, s0 = run(ac, pair, 4)
     proposal, s1 = run(ac, pair, 4, proposal=0.0)
-    assert torch.equal(start, proposal) and torch.equal(s0.logw, s1.logw)
+    assert torch.equal(today, proposal) and torch.equal(s0.logw, s1.logw)
     assert s0.summary()["resamples"] == s1.summary()["resamples"]
+
+
+def test_lambda_schedule_across_one_weights_each_interval_once(ac, counted, monkeypatch):
+    """With a λ schedule that crosses 1 and the aligned proposal, steps with λ > 1 propose and weight their own
+    interval, the others use the trapezoid rule: no interval is weighted twice (the trapezoid interval after a
+    proposal step is skipped) and every weighted call has λ ≠ 0, 1."""
+    from comfyui_deradiff.sampler import particles as pm
+    from comfyui_deradiff.sampler.particle_sampler import particle_ksampler
+    pair, _ = counted
+    cond = ac.conditioning()
+    steps = 8
+    from comfyui_deradiff.sampler.schedules import LambdaSchedule
+    lams = LambdaSchedule("custom", values=[0.5, 0.5, 2.0, 2.0, 2.0, 0.5, 0.5, 0.5])  # λ per step
+    seen = []
+    original = pm.ParticleState.update
+
+    def spy(self, inc, sigma):
+        seen.append(float(sigma))
+        return original(self, inc, sigma)
+
+    monkeypatch.setattr(pm.ParticleState, "update", spy)
+    out, state = particle_ksampler(pair, lams, 5, steps, 1.0, "euler_ancestral", "karras", cond, cond,
+                                   ac.empty_latent(H * H, batch=1), 1.0, 4, proposal=0.0)
+    sigmas = karras(steps)
+    # trapezoid at calls 1 (interval 0→1) and 2 (1→2); proposals at calls 2, 3, 4 weight 2→3, 3→4, 4→5;
+    # call 5 (λ 0.5) has no left end after a proposal: skipped; calls 6 and 7 weight 5→6 and 6→7
+    assert seen == pytest.approx([sigmas[1], sigmas[2], sigmas[2], sigmas[3], sigmas[4], sigmas[6], sigmas[7]]), (seen, sigmas)
+    assert out["samples"].shape[0] == 1
+
+
+def test_aligned_proposal_with_an_early_draw(ac, counted, pack):
+    """particle_rule "aligned proposal" with particle_select_sigma at λ 2: the particles propose from the aligned
+    model until the draw, then one particle per image finishes as plain DeRaDiff; resampling before a proposal
+    step keeps each particle's own predictions (resample at every step to exercise it)."""
+    pair, counter = counted
+    counter["rows"] = 0
+    node = ksampler_node(pack, ac, pair, lam=2.0, particles=4, particle_rule="aligned proposal",
+                         particle_select_sigma=0.5, resample_ess=1.0)
+    out = node.result[0]["samples"]
+    assert out.shape[0] == 2 and bool(torch.isfinite(out).all())
+    line = node.ui["deradiff_particles"][0]
+    assert "proposed from the aligned model" in line and "one drawn at σ" in line, line
+    sigmas = karras(10)[:-1]
+    after = sum(1 for s in sigmas if s < 0.5) - 1  # calls after the one that draws (it still runs 4 particles)
+    assert counter["rows"] == 2 * 2 * (4 * (10 - after) + after)

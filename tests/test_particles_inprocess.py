@@ -26,19 +26,8 @@ LAM = 0.5
 
 
 @pytest.fixture(scope="module")
-def ac(comfy, pack):
-    import comfy.utils
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    import aw_comfy
-    return aw_comfy
-
-
-@pytest.fixture(scope="module")
 def hard(ac, pack):
-    import aw_world as aw
-    ref = aw.ring(8, 4.0, (0.3,))
-    w = torch.tensor([1.0, 0.5], dtype=aw.F64)
-    return ref, w, ac.make_pair(pack, ac.world_model(ref.denoise), ac.world_model(ref.tilt(w, 1.0).denoise), 1.0)
+    return ac.hard_pair(pack)
 
 
 def node_sample(pack, ac, pair, latent, sampler, steps=6, seed=3, lam=LAM, **extra):
@@ -136,10 +125,7 @@ def test_single_gaussian_world_weights_stay_uniform(pack, ac, monkeypatch):
 
 
 def _hard(ac, pack):
-    import aw_world as aw
-    ref = aw.ring(8, 4.0, (0.3,))
-    w = torch.tensor([1.0, 0.5], dtype=aw.F64)
-    return ref, w, ac.make_pair(pack, ac.world_model(ref.denoise), ac.world_model(ref.tilt(w, 1.0).denoise), 1.0)
+    return ac.hard_pair(pack)
 
 
 _SIGMAS = {}
