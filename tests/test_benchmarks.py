@@ -214,3 +214,22 @@ def test_table2_tiny_runs_tiny(comfy_root, tmp_path):
                  "## Identity check", "## λ Search"):
         assert head in text
     assert Image.open(tmp_path / "table2_tiny.png").size[0] >= 600
+
+
+def test_tiny_particles_runs_tiny(comfy_root, tmp_path):
+    """benchmarks/tiny_particles.py on the committed tiny family in its tiny setting: each rule's row with its
+    counted passes (N = 2 to the end: 4 per step; drawn at σ 10: fewer), the from-scratch comparison and the
+    ESS per weighted step, and the report."""
+    import json
+    import math
+    run("benchmarks/tiny_particles.py", "--tiny", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "tiny_particles.json").read_text())
+    (row,) = res["rows"]
+    assert row["lam"] == 2.0 and row["target_beta"] == pytest.approx(500.0)
+    assert row["today N=2"]["passes_per_step"] == pytest.approx(4.0)
+    assert 2.0 < row["N=2 until σ 10"]["passes_per_step"] < 4.0
+    for key in ("plain", "today N=2", "N=2 until σ 10"):
+        assert len(row[key]["rewards"]) == 2 and math.isfinite(row[key]["err"]) and row[key]["err_se"] > 0
+    assert row["today N=2"]["steps"] and all(1.0 <= s[1] <= 2.0 for s in row["today N=2"]["steps"])
+    text = (tmp_path / "tiny_particles.md").read_text()
+    assert "| 2 (500) |" in text and "today N=2" in text
