@@ -200,7 +200,7 @@ def test_lambda_sweep_equals_separate_runs(fam, pack):
 
 def test_realign_model_in_a_plain_ksampler(fam, pack):
     pair = make_pair(pack, fam["ref_model"], fam["aligned_model"])
-    realign = pack.nodes.DeRaDiffRealignModel().realign
+    realign = pack.nodes.DeRaDiffRealignModel.execute
     assert_bit_identical(plain(fam, realign(pair, **{"lambda": 0.0})[0]), plain(fam, fam["ref_model"]))
     close(plain(fam, realign(pair, **{"lambda": 0.5})[0]), deradiff(pack, fam, pair, 0.5))
 
