@@ -85,7 +85,7 @@ def test_loras_that_do_not_fit_are_refused_with_file_and_reason(comfy, pack, tmp
     loader = pack.nodes.DeRaDiffLoadAlignedPair()
     Error = pack.nodes.common.NodeInputError
     with pytest.raises(Error) as e:  # names that partly coincide, as SDXL and SD1.5 LoRAs do
-        loader.load("sd15_reference.safetensors", "loras/sdxl_aligned_lora.safetensors")
+        loader.execute("sd15_reference.safetensors", "loras/sdxl_aligned_lora.safetensors")
     msg = str(e.value)
     assert "input 'aligned_model'" in msg and "sdxl_aligned_lora.safetensors" in msg and "another model family" in msg
     sd15_lora = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", "sd15_aligned_lora.safetensors"))
@@ -95,9 +95,9 @@ def test_loras_that_do_not_fit_are_refused_with_file_and_reason(comfy, pack, tmp
     save_file(misshaped, tmp_path / "misshaped_lora.safetensors")
     folder_paths.add_model_folder_path("loras", str(tmp_path))
     with pytest.raises(Error, match=r"alien_lora.safetensors' matches none of the reference's layers"):
-        loader.load("sd15_reference.safetensors", "loras/alien_lora.safetensors")
+        loader.execute("sd15_reference.safetensors", "loras/alien_lora.safetensors")
     with pytest.raises(Error, match=r"misshaped_lora.safetensors' names layers .* but none of its \d+ updates fits"):
-        loader.load("sd15_reference.safetensors", "loras/misshaped_lora.safetensors")
+        loader.execute("sd15_reference.safetensors", "loras/misshaped_lora.safetensors")
 
 
 def test_fp32_unet_is_loaded_at_the_reference_dtype(comfy, pack):
@@ -145,17 +145,17 @@ def test_diffusers_folder_and_shards_and_other_family(comfy, sd15, pack, tmp_pat
 
     release()
     loader = pack.nodes.DeRaDiffLoadAlignedPair()
-    from_file = loader.load("sd15_reference.safetensors", "diffusion_models/sd15_aligned_diffusers_unet.safetensors")[0]
+    from_file = loader.execute("sd15_reference.safetensors", "diffusion_models/sd15_aligned_diffusers_unet.safetensors")[0]
     want = realign(pack, from_file, 1.0, sd15, steps=1)
     del from_file
     release()
     for choice in ("diffusion_models/dpo-sd15/unet/", "diffusion_models/sharded/"):
-        pair = loader.load("sd15_reference.safetensors", choice)[0]
+        pair = loader.execute("sd15_reference.safetensors", choice)[0]
         assert_bit_identical(realign(pack, pair, 1.0, sd15, steps=1), want)
         del pair
         release()
     with pytest.raises(pack.nodes.common.NodeInputError) as e:
-        loader.load("sdxl_reference.safetensors", "diffusion_models/dpo-sd15/unet/")
+        loader.execute("sdxl_reference.safetensors", "diffusion_models/dpo-sd15/unet/")
     msg = str(e.value)
     assert "dpo-sd15/unet/" in msg and "different model families" in msg and "SD15" in msg
 
