@@ -31,8 +31,9 @@ COMPARED_FIELDS = ("input", "input_order", "output", "output_is_list", "output_n
                    "display_name", "description", "category", "output_node", "python_module")
 
 # Input options newer ComfyUI's V3 schema may add (the pack sets them where ComfyUI has them; older
-# front ends ignore them). Everything else in an input's options must be as before.
-V3_INPUT_EXTRAS = ("advanced",)
+# front ends ignore them), and the tooltip: help text, kept in step with the measurements it quotes
+# (locales/en/main.json holds the current texts). Everything else in an input's options must be as before.
+V3_INPUT_EXTRAS = ("advanced", "tooltip")
 
 
 # Optional inputs added after the V1 snapshot, with their defaults. They come last, so a workflow saved

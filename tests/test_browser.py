@@ -1052,6 +1052,7 @@ def test_workflow_saved_before_full_pass_every_loads_with_its_default(ui, server
     got = next(n for n in state["nodes"] if n["type"] == "DeRaDiffKSampler")
     widgets = {w["name"]: w["value"] for w in got["widgets"]}
     assert widgets["full_pass_every"] == 1 and widgets["lambda"] == sampler["widgets_values"][0], widgets
+    assert widgets["particle_rule"] == "trapezoid" and widgets["particle_select_sigma"] == 0, widgets
     assert got["info"], "the info line under λ is still drawn"
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     inputs = next(v["inputs"] for v in prompt.values() if v["class_type"] == "DeRaDiffKSampler")
