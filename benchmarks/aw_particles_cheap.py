@@ -87,6 +87,11 @@ RULES = (
     Rule("N=4 propose λ_p=1", 4, "left", proposal_lam=0.0),
     Rule("N=4 until σ 0.5 propose λ_p=1", 4, "left", select_below=0.5, proposal_lam=0.0),
     Rule("N=8 until σ 0.5 propose λ_p=1", 8, "left", select_below=0.5, proposal_lam=0.0),
+    # λ < 1 at ≤ 6 passes per step: resampling more often, more particles drawn earlier, a proposal part-way
+    Rule("N=4 until σ 0.5 rs 0.9", 4, select_below=0.5, resample_below=0.9),
+    Rule("N=5 until σ 1.3", 5, select_below=1.3), Rule("N=6 until σ 2.3", 6, select_below=2.3),
+    Rule("N=4 until σ 0.5 propose λ_p=(1+λ)/2", 4, "left", select_below=0.5, proposal_lam=0.5),
+    Rule("N=4 until σ 0.5 propose λ_p=(1+3λ)/4", 4, "left", select_below=0.5, proposal_lam=0.75),
 )
 
 
