@@ -43,14 +43,16 @@ PARTICLE_RULE_TOOLTIP = (
     "docs/particles.md): the error left at λ 2 was 6–7 % of plain DeRaDiff's with the aligned proposal "
     "against 38 % with trapezoid, at λ 3 7 % / 1 % against 37 % / 75 %. Not for real images yet: on a small "
     "trained model (64-number latents) its weights collapsed at every step (ESS 1.1–2.4 of 8), because the "
-    "kernel ratio's variance grows with the latent's size; there keep trapezoid.")
+    "kernel ratio's variance grows with the latent's size; there keep trapezoid. Only used when particles > 1.")
 
 PARTICLE_SELECT_TOOLTIP = (
     "Cheaper particles: at the first step below this noise level σ, draw one particle per image with the "
     "weights and finish as plain DeRaDiff (2 model passes per step instead of 2 × particles). 0 = particles to "
     "the end. The weights barely move at low noise: in the test worlds nearly all their variance accrued "
     "between σ 6 and 0.3, and 4 particles until σ 0.5 (karras, 50 steps) cost 6.0 passes per step against "
-    "8.0 for running them to the end, with the same error within 1.2 standard errors (λ 0.25 and 0.5). On SD1.5-type models σ runs from about 14.6 down to 0.03.")
+    "8.0 for running them to the end, with the same error within 1.2 standard errors (λ 0.25 and 0.5); on a "
+    "small trained model it also skipped the last step, where the weights collapse. On SD1.5-type models σ runs "
+    "from about 14.6 down to 0.03. Only used when particles > 1.")
 
 
 def particle_rule_input():
