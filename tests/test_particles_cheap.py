@@ -278,3 +278,30 @@ def test_aligned_proposal_with_an_early_draw(ac, counted, pack):
     sigmas = karras(10)[:-1]
     after = sum(1 for s in sigmas if s < 0.5) - 1  # calls after the one that draws (it still runs 4 particles)
     assert counter["rows"] == 2 * 2 * (4 * (10 - after) + after)
+
+
+def test_resampling_before_a_proposal_step_keeps_each_particles_predictions(ac, pack, monkeypatch):
+    """A λ schedule crossing 1 with the aligned proposal and resampling at every weighted step: the step that
+    proposes after a resample must use the resampled particles' own predictions. Models whose predictions are
+    read off x (reference 0, aligned x/2 on the two point channels) make that checkable: a proposal step steps
+    with the aligned prediction, so its D is x/2 row for row; a plain step at λ 0.5 with x/4."""
+    from comfyui_deradiff.sampler import particle_sampler as psm
+    from comfyui_deradiff.sampler.schedules import LambdaSchedule
+    pair = ac.make_pair(pack, ac.world_model(lambda p, s: torch.zeros_like(p)), ac.world_model(lambda p, s: 0.5 * p),
+                        1.0)
+    steps = []
+    to_d = psm.kds.to_d
+    monkeypatch.setattr(psm.kds, "to_d", lambda x, sigma, d: steps.append((x.clone(), d.clone())) or to_d(x, sigma, d))
+    moved = []
+    gather = psm.gather_particles
+    monkeypatch.setattr(psm, "gather_particles", lambda t, a, s: moved.append(
+        not torch.equal(a.reshape(a.shape[0], -1)[:, 0], torch.arange(a.shape[0]))) or gather(t, a, s))
+    cond = ac.conditioning()
+    lams = LambdaSchedule("custom", values=[0.5, 0.5, 2.0, 2.0, 0.5, 0.5])
+    psm.particle_ksampler(pair, lams, 5, 6, 1.0, "euler_ancestral", "karras", cond, cond,
+                          ac.empty_latent(H * H, batch=1), 1.0, 4, resample_below=1.0, proposal=0.0)
+    assert any(moved)  # some resample really reordered the particles
+    assert len(steps) == 5  # one Euler step per noisy step (the last step is x = D)
+    for i, (x, d) in enumerate(steps):
+        want = (0.5 if i in (2, 3) else 0.25) * x[:, :2]
+        assert torch.allclose(d[:, :2], want, atol=1e-4 * float(x.abs().max())), i
